@@ -1,0 +1,67 @@
+"""The unit of harvesting: a text with labelled character spans."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Span:
+    """A labelled character range [start, end) of a document's text."""
+
+    label: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Document:
+    """A text to run through the model, with spans (roles, concept words) to find positions by."""
+
+    id: str
+    text: str
+    spans: tuple[Span, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as stored in a harvest's docs.jsonl."""
+        return {
+            "id": self.id,
+            "text": self.text,
+            "spans": [[s.label, s.start, s.end] for s in self.spans],
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Document:
+        """Inverse of `to_dict`."""
+        spans = tuple(Span(str(a), int(b), int(c)) for a, b, c in d.get("spans", []))
+        return cls(id=d["id"], text=d["text"], spans=spans, meta=d.get("meta", {}))
+
+
+def read_text_documents(path: str | Path) -> list[Document]:
+    """Documents from a user file: `.jsonl` lines with a "text" field, or a `.txt` of blank-line-separated texts."""
+    from analoglock.data.loaders import DatasetFormatError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Text file {path} does not exist.")
+    docs: list[Document] = []
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DatasetFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise DatasetFormatError(f'{path}:{lineno}: expected an object with a "text" string')
+                docs.append(Document(id=str(obj.get("id", f"{path.stem}/{len(docs)}")), text=obj["text"]))
+        return docs
+    chunks = [c.strip() for c in path.read_text(encoding="utf-8").split("\n\n")]
+    return [Document(id=f"{path.stem}/{i}", text=c) for i, c in enumerate(c for c in chunks if c)]
