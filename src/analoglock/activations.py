@@ -76,7 +76,9 @@ class Tokenized:
     first_real: int  # index of the first non-BOS token
 
 
-def tokenize_documents(model, docs: Sequence[Document], max_length: int | None = None) -> list[Tokenized]:
+def tokenize_documents(
+    model, docs: Sequence[Document], max_length: int | None = None
+) -> list[Tokenized]:
     """Tokenize like `model.to_tokens` (BOS prepended when the model does), keeping offsets."""
     tok = model.tokenizer
     bos = tok.bos_token_id if model.cfg.default_prepend_bos else None
@@ -124,7 +126,9 @@ def _pad(batch: list[Tokenized], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def _run_batch(model, ids, mask, hooks: list[str], rows_b, rows_p, stop, store_dtype) -> dict[str, torch.Tensor]:
+def _run_batch(
+    model, ids, mask, hooks: list[str], rows_b, rows_p, stop, store_dtype
+) -> dict[str, torch.Tensor]:
     """One forward pass that keeps only the selected (batch, pos) rows of each hook."""
     captured: dict[str, torch.Tensor] = {}
 
@@ -140,7 +144,9 @@ def _run_batch(model, ids, mask, hooks: list[str], rows_b, rows_p, stop, store_d
         model(ids.to(device), attention_mask=mask.to(device), stop_at_layer=stop, return_type=None)
     missing = [h for h in hooks if h not in captured]
     if missing:
-        raise RuntimeError(f"Hooks {missing} did not fire; stop_at_layer={stop} may be too shallow.")
+        raise RuntimeError(
+            f"Hooks {missing} did not fire; stop_at_layer={stop} may be too shallow."
+        )
     return {h: captured[h].cpu() for h in hooks}
 
 
@@ -175,7 +181,9 @@ def _iter_batches(
         yield b, len(batches), acts, int(mask.sum())
 
 
-def _concat(parts: list[dict[str, torch.Tensor]], hooks: list[str], d_model: int, dtype) -> dict[str, torch.Tensor]:
+def _concat(
+    parts: list[dict[str, torch.Tensor]], hooks: list[str], d_model: int, dtype
+) -> dict[str, torch.Tensor]:
     """Concatenate row dicts (empty-safe)."""
     out = {}
     for key in [*hooks, *INDEX_KEYS]:
@@ -183,7 +191,11 @@ def _concat(parts: list[dict[str, torch.Tensor]], hooks: list[str], d_model: int
         if chunks:
             out[key] = torch.cat(chunks)
         else:
-            out[key] = torch.empty(0, d_model, dtype=dtype) if key in hooks else torch.empty(0, dtype=torch.long)
+            out[key] = (
+                torch.empty(0, d_model, dtype=dtype)
+                if key in hooks
+                else torch.empty(0, dtype=torch.long)
+            )
     return out
 
 
@@ -203,7 +215,9 @@ def harvest(
     store_dtype = _dtype(store_dtype)
     parts = []
     bar = None
-    for _, n, rows, _ntok in _iter_batches(model, docs, hooks, positions, batch_tokens, max_length, store_dtype):
+    for _, n, rows, _ntok in _iter_batches(
+        model, docs, hooks, positions, batch_tokens, max_length, store_dtype
+    ):
         if bar is None:
             bar = tqdm(total=n, desc="harvest", unit="batch", disable=not progress)
         parts.append(rows)
@@ -329,7 +343,13 @@ def harvest_to_disk(
     n_batches = meta["batches_done"]
     for b, n, rows, ntok in stream:
         if bar is None:
-            bar = tqdm(total=n, initial=b, desc=f"harvest -> {out.name}", unit="batch", disable=not progress)
+            bar = tqdm(
+                total=n,
+                initial=b,
+                desc=f"harvest -> {out.name}",
+                unit="batch",
+                disable=not progress,
+            )
         n_batches = n
         buffer.append(rows)
         buffered_rows += len(rows["doc"])
@@ -391,10 +411,16 @@ class ActivationStore:
         """All rows in memory, ordered by (document, position)."""
         hooks = list(hooks or self.hooks)
         if not self.complete:
-            log.warning("%s is an incomplete harvest; loading the %d rows written so far", self.path, len(self))
+            log.warning(
+                "%s is an incomplete harvest; loading the %d rows written so far",
+                self.path,
+                len(self),
+            )
         dtype = _dtype(self.meta["dtype"])
         cat = _concat(list(self.iter_shards(hooks)), hooks, self.meta["d_model"], dtype)
-        acts = Activations({h: cat[h] for h in hooks}, *(cat[k] for k in INDEX_KEYS), docs=self.docs())
+        acts = Activations(
+            {h: cat[h] for h in hooks}, *(cat[k] for k in INDEX_KEYS), docs=self.docs()
+        )
         return acts.sorted()
 
     def summary(self) -> dict[str, Any]:

@@ -75,9 +75,11 @@ def generate(
     tok = model.tokenizer
     completions: list[str] = []
     new_tokens: list[list[int]] = []
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
-        "do_sample": False, "temperature": None, "top_p": None, "top_k": None
-    }
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if do_sample
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     eos = tok.eos_token_id
     with torch.random.fork_rng(devices=[]):
         if seed is not None:

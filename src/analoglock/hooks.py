@@ -52,7 +52,7 @@ def validate_hook(model, name: str) -> str:
     else:
         candidates = sorted(n for n in names if not n.startswith("blocks."))
         where = "outside the blocks"
-    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise HookNameError(
         f"Unknown hook name {name!r}.{hint} Valid names {where}: {', '.join(candidates)}"

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,11 @@ def _atomic_save_pretrained(model, tokenizer, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
     try:
-        model.config.quantization_config = None  # the cache holds plain float weights
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp, safe_serialization=True)
+        # save_pretrained refuses GGUF-quantized models; the weights are already float here.
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_model(model, str(tmp / "model.safetensors"))  # handles the tied embeddings
         tokenizer.save_pretrained(tmp)
         try:
             os.replace(tmp, dest)
@@ -211,6 +213,30 @@ def load_hf(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     return hf, tok, source, sha or weights_fingerprint(hf)
 
 
+def _pass_kv_cache_to_bridge_attention(bridge) -> int:
+    """Make the bridge's reimplemented attention see the KV cache that transformers 5 passes.
+
+    transformers 5.x hands each attention layer its cache as `cache=`; TransformerLens 3.9's
+    attention bridges read only `past_key_values=` / `layer_past=`, so cached decoding attended
+    to the new token alone (the garbage FACTS.md reports for cached generation). A kwargs
+    pre-hook on each attention bridge forwards the cache under the name the bridge reads.
+    Returns how many modules were patched.
+    """
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    def alias_cache(module, args, kwargs):
+        if "cache" in kwargs and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return args, kwargs
+
+    n = 0
+    for module in bridge.modules():
+        if isinstance(module, AttentionBridge):
+            module.register_forward_pre_hook(alias_cache, with_kwargs=True)
+            n += 1
+    return n
+
+
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """Accept 'float32'/'bfloat16' strings from configs."""
     if isinstance(dtype, torch.dtype):
@@ -242,6 +268,7 @@ def load_model(
         name, hf_model=hf, tokenizer=tok, device=str(device), dtype=dtype
     )
     bridge.eval()
+    _pass_kv_cache_to_bridge_attention(bridge)
     for p in bridge.parameters():
         p.requires_grad_(False)
     bridge.analoglock_info = ModelInfo(
@@ -274,5 +301,10 @@ def model_info(model) -> ModelInfo:
 def describe(info: ModelInfo) -> str:
     """One line for logs and summaries."""
     return json.dumps(
-        {"model": info.spec, "layers": info.n_layers, "d_model": info.d_model, "sha": info.sha256[:12]}
+        {
+            "model": info.spec,
+            "layers": info.n_layers,
+            "d_model": info.d_model,
+            "sha": info.sha256[:12],
+        }
     )

@@ -100,6 +100,12 @@ class MatchString:
     text: str
     which: str = "all"
 
+    def __post_init__(self) -> None:
+        if not self.text.strip():
+            raise ValueError("MatchString needs a non-empty text to match")
+        if self.which not in ("all", "last"):
+            raise ValueError(f"which must be 'all' or 'last', not {self.which!r}")
+
     def select(self, doc: Document, offsets: Offsets, first_real: int) -> list[tuple[int, int]]:
         """Positions of every occurrence."""
         from analoglock.data.loaders import find_word
@@ -121,7 +127,13 @@ def _span_tags(doc: Document, offsets: Offsets, first_real: int) -> list[int]:
     return tags
 
 
-RULES = {"all": AllTokens, "last": LastToken, "indices": TokenIndices, "spans": SpanTokens, "match": MatchString}
+RULES = {
+    "all": AllTokens,
+    "last": LastToken,
+    "indices": TokenIndices,
+    "spans": SpanTokens,
+    "match": MatchString,
+}
 
 
 def position_rule(kind: str, **kwargs):

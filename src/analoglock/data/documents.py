@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,16 @@ def read_text_documents(path: str | Path) -> list[Document]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DatasetFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+                    raise DatasetFormatError(
+                        f"{path}:{lineno}: not valid JSON ({err.msg})"
+                    ) from err
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise DatasetFormatError(f'{path}:{lineno}: expected an object with a "text" string')
-                docs.append(Document(id=str(obj.get("id", f"{path.stem}/{len(docs)}")), text=obj["text"]))
+                    raise DatasetFormatError(
+                        f'{path}:{lineno}: expected an object with a "text" string'
+                    )
+                docs.append(
+                    Document(id=str(obj.get("id", f"{path.stem}/{len(docs)}")), text=obj["text"])
+                )
         return docs
-    chunks = [c.strip() for c in path.read_text(encoding="utf-8").split("\n\n")]
+    chunks = [c.strip() for c in re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8"))]
     return [Document(id=f"{path.stem}/{i}", text=c) for i, c in enumerate(c for c in chunks if c)]

@@ -131,9 +131,16 @@ def _filter_split(items: list, split: str | None) -> list:
     return [it for it in items if it.split == split]
 
 
+def _stamp(path: Path) -> tuple[Path, int, int]:
+    """Cache key that changes when the file does."""
+    st = path.stat()
+    return path.resolve(), st.st_mtime_ns, st.st_size
+
+
 @lru_cache(maxsize=32)
-def _load_pairs_file(path: Path) -> tuple[StoryPair, ...]:
-    """Parse and validate a pairs file (cached: the files are immutable package data)."""
+def _load_pairs_file(key: tuple[Path, int, int]) -> tuple[StoryPair, ...]:
+    """Parse and validate a pairs file (cached per file state)."""
+    path = key[0]
     seen: set[str] = set()
     pairs = []
     for lineno, obj in _read_jsonl(path):
@@ -143,11 +150,19 @@ def _load_pairs_file(path: Path) -> tuple[StoryPair, ...]:
         b = _require(obj, "b", str, where)
         roles = _require(obj, "roles", list, where)
         if not roles:
-            raise DatasetFormatError(f"{where}: 'roles' is empty; give [role_in_a, role_in_b] pairs")
+            raise DatasetFormatError(
+                f"{where}: 'roles' is empty; give [role_in_a, role_in_b] pairs"
+            )
         clean = []
         for k, role in enumerate(roles):
-            if not (isinstance(role, list) and len(role) == 2 and all(isinstance(r, str) for r in role)):
-                raise DatasetFormatError(f"{where}: roles[{k}] must be [role_in_a, role_in_b]")
+            if not (
+                isinstance(role, list)
+                and len(role) == 2
+                and all(isinstance(r, str) and r.strip() for r in role)
+            ):
+                raise DatasetFormatError(
+                    f"{where}: roles[{k}] must be [role_in_a, role_in_b], both non-empty"
+                )
             for side, phrase, text in (("a", role[0], a), ("b", role[1], b)):
                 if not find_word(text, phrase):
                     raise DatasetFormatError(
@@ -161,12 +176,13 @@ def _load_pairs_file(path: Path) -> tuple[StoryPair, ...]:
 
 def load_pairs(name: str, split: str | None = None) -> list[StoryPair]:
     """Analogous story pairs of a shipped domain-pair dataset (or a .jsonl path)."""
-    return _filter_split(list(_load_pairs_file(_dataset_path(name, "pairs"))), split)
+    return _filter_split(list(_load_pairs_file(_stamp(_dataset_path(name, "pairs")))), split)
 
 
 @lru_cache(maxsize=32)
-def _load_concepts_file(path: Path) -> ContrastSet:
-    """Parse and validate a concept contrast file."""
+def _load_concepts_file(key: tuple[Path, int, int]) -> ContrastSet:
+    """Parse and validate a concept contrast file (cached per file state)."""
+    path = key[0]
     seen: set[str] = set()
     classes: tuple[str, ...] | None = None
     items = []
@@ -182,7 +198,9 @@ def _load_concepts_file(path: Path) -> ContrastSet:
             texts, spans = {}, {}
             for cls, fill in fills.items():
                 if not isinstance(fill, str) or not fill:
-                    raise DatasetFormatError(f"{where}: fill for class {cls!r} must be a non-empty string")
+                    raise DatasetFormatError(
+                        f"{where}: fill for class {cls!r} must be a non-empty string"
+                    )
                 texts[cls] = template.replace("{x}", fill)
                 spans[cls] = (start, start + len(fill))
         else:
@@ -190,8 +208,12 @@ def _load_concepts_file(path: Path) -> ContrastSet:
             spans = None
             for cls, text in texts.items():
                 if not isinstance(text, str) or not text:
-                    raise DatasetFormatError(f"{where}: text for class {cls!r} must be a non-empty string")
+                    raise DatasetFormatError(
+                        f"{where}: text for class {cls!r} must be a non-empty string"
+                    )
         keys = tuple(texts)
+        if not keys:
+            raise DatasetFormatError(f"{where}: no classes (fills/texts is empty)")
         if classes is None:
             classes = keys
         elif set(keys) != set(classes):
@@ -204,7 +226,7 @@ def _load_concepts_file(path: Path) -> ContrastSet:
 
 def load_concepts(name: str, split: str | None = None) -> ContrastSet:
     """A concept contrast set (shipped name or .jsonl path), optionally one split."""
-    full = _load_concepts_file(_dataset_path(name, "concepts"))
+    full = _load_concepts_file(_stamp(_dataset_path(name, "concepts")))
     return ContrastSet(full.name, full.classes, tuple(_filter_split(list(full.items), split)))
 
 
