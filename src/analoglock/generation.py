@@ -64,6 +64,7 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
     seed: int | None = None,
     fwd_hooks: Sequence[Hook] = (),
     batch_size: int = 16,
@@ -95,6 +96,7 @@ def generate(
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=eos,
+                    repetition_penalty=repetition_penalty,
                     **sampling,
                 )
             for row in out[:, ids.shape[1] :].tolist():

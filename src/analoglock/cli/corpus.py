@@ -34,6 +34,7 @@ def main(cfg: DictConfig) -> None:
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
+        repetition_penalty=cfg.repetition_penalty,
         progress=cfg.get("progress", True),
     )
     seconds = time.perf_counter() - t0

@@ -99,6 +99,7 @@ class CorpusSettings:
     max_new_tokens: int
     temperature: float
     top_p: float
+    repetition_penalty: float = 1.0
     prompt_version: int = PROMPT_VERSION
 
 
@@ -235,6 +236,7 @@ def sample_batch(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
+    repetition_penalty: float = 1.0,
 ) -> list[dict[str, Any]]:
     """One batch's non-empty stories as rows `{"text", "prompt", "n_tokens", "batch"}`."""
     requests = batch_requests(seed, batch_index, batch_size)
@@ -245,6 +247,7 @@ def sample_batch(
         do_sample=True,
         temperature=temperature,
         top_p=top_p,
+        repetition_penalty=repetition_penalty,
         seed=batch_seed(seed, batch_index),
         batch_size=batch_size,
     )
@@ -263,10 +266,11 @@ def generate_corpus(
     n_tokens: int,
     seed: int = 0,
     out_path: str | Path | None = None,
-    batch_size: int = 16,
+    batch_size: int = 32,
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     top_p: float = 0.95,
+    repetition_penalty: float = 1.1,
     progress: bool = True,
 ) -> Path:
     """Sample short stories into a JSONL file until it holds at least `n_tokens` story tokens.
@@ -292,6 +296,7 @@ def generate_corpus(
         max_new_tokens=max_new_tokens,
         temperature=float(temperature),
         top_p=float(top_p),
+        repetition_penalty=float(repetition_penalty),
     )
     state = _scan(path)
     _check_settings(path, settings, has_lines=state.n_lines > 0)
@@ -313,7 +318,14 @@ def generate_corpus(
         with open(path, "a", encoding="utf-8") as f:
             while have < n_tokens:
                 rows = sample_batch(
-                    model, seed, batch, batch_size, max_new_tokens, temperature, top_p
+                    model,
+                    seed,
+                    batch,
+                    batch_size,
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                    repetition_penalty,
                 )
                 lines = []
                 for row in rows:
