@@ -168,3 +168,22 @@ def test_store_dtype_and_missing_hook(tiny_model, docs, tmp_path):
         store.load(["blocks.0.hook_resid_post"])
     with pytest.raises(FileNotFoundError, match="not a harvest directory"):
         ActivationStore(tmp_path / "nope")
+
+
+def test_cli_domain_stats_stream_equals_in_memory(tiny_model, tmp_path):
+    from analoglock.cli.harvest import domain_stats
+
+    docs = load_documents("fable_work", split="test")
+    store = harvest_to_disk(tiny_model, docs, [HOOK], tmp_path, shard_rows=50, progress=False)
+    stats = domain_stats(store)[HOOK]
+    acts = store.load()
+    x = acts.acts[HOOK].double()
+    is_work = torch.tensor([docs[i].meta["domain"] == "work" for i in acts.doc.tolist()])
+    assert stats["work"]["rows"] == int(is_work.sum()) and stats["fable"]["rows"] == int(
+        (~is_work).sum()
+    )
+    assert stats["fable"]["mean_norm"] == pytest.approx(
+        float(x[~is_work].norm(dim=-1).mean()), abs=1e-3
+    )
+    cos = torch.nn.functional.cosine_similarity(x[~is_work].mean(0), x[is_work].mean(0), dim=0)
+    assert stats["cos(mean fable, mean work)"] == pytest.approx(float(cos), abs=1e-4)

@@ -5,41 +5,47 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from analoglock.activations import ActivationStore, harvest_to_disk
+from analoglock.activations import META_FILE, ActivationStore, harvest_to_disk
 from analoglock.cli._conf import CONF_DIR
 
 log = logging.getLogger(__name__)
 
 
 def domain_stats(store: ActivationStore) -> dict:
-    """Per-hook row counts and mean norms by domain side / class, and the cosine of their means."""
-    acts = store.load()
-    groups: dict[str, list[int]] = {}
-    for i, d in enumerate(acts.docs):
-        key = d.meta.get("side") or d.meta.get("class") or "all"
-        groups.setdefault(str(key), []).append(i)
+    """Per hook: rows and mean norm by domain side / class, and the cosine of the two groups' means.
+
+    Streams shard by shard, so a corpus-sized harvest never has to fit in memory.
+    """
+    docs = store.docs()
+    keys = [str(d.meta.get("domain") or d.meta.get("class") or "all") for d in docs]
+    names = sorted(set(keys))
+    group_of_doc = torch.tensor([names.index(k) for k in keys])
     out = {}
-    for hook, x in acts.acts.items():
-        x = x.float()
-        per: dict[str, dict] = {}
-        means = {}
-        for key, doc_ids in groups.items():
-            rows = torch.isin(acts.doc, torch.tensor(doc_ids))
-            if rows.any():
-                means[key] = x[rows].mean(0)
-                per[key] = {
-                    "rows": int(rows.sum()),
-                    "mean_norm": round(float(x[rows].norm(dim=-1).mean()), 3),
-                }
-        keys = list(means)
-        if len(keys) == 2:
-            cos = torch.nn.functional.cosine_similarity(means[keys[0]], means[keys[1]], dim=0)
-            per[f"cos(mean {keys[0]}, mean {keys[1]})"] = round(float(cos), 4)
+    for hook in store.hooks:
+        sums = torch.zeros(len(names), store.meta["d_model"], dtype=torch.float64)
+        norms = torch.zeros(len(names), dtype=torch.float64)
+        counts = torch.zeros(len(names), dtype=torch.float64)
+        for shard in store.iter_shards([hook]):
+            x = shard[hook].double()
+            g = group_of_doc[shard["doc"]]
+            sums.index_add_(0, g, x)
+            norms.index_add_(0, g, x.norm(dim=-1))
+            counts.index_add_(0, g, torch.ones_like(norms[g]))
+        per: dict[str, object] = {
+            n: {"rows": int(c), "mean_norm": round(float(s / c), 3)}
+            for n, c, s in zip(names, counts, norms, strict=True)
+            if c > 0
+        }
+        if len(names) == 2 and bool((counts > 0).all()):
+            means = sums / counts[:, None]
+            cos = torch.nn.functional.cosine_similarity(means[0], means[1], dim=0)
+            per[f"cos(mean {names[0]}, mean {names[1]})"] = round(float(cos), 4)
         out[hook] = per
     return out
 
@@ -54,6 +60,8 @@ def main(cfg: DictConfig) -> None:
     t_load = time.perf_counter() - t0
     docs = hydra.utils.instantiate(cfg.data)
     positions = hydra.utils.instantiate(cfg.positions)
+    meta_path = Path(cfg.out_dir) / META_FILE
+    tokens_before = json.loads(meta_path.read_text())["n_tokens_seen"] if meta_path.exists() else 0
     t1 = time.perf_counter()
     store = harvest_to_disk(
         model,
@@ -73,7 +81,8 @@ def main(cfg: DictConfig) -> None:
     summary = store.summary()
     summary["load_s"] = round(t_load, 2)
     summary["harvest_s"] = round(seconds, 2)
-    summary["tokens_per_s"] = round(summary["n_tokens_seen"] / seconds, 1) if seconds > 0 else None
+    new_tokens = summary["n_tokens_seen"] - tokens_before  # only what this run computed
+    summary["tokens_per_s"] = round(new_tokens / seconds, 1) if new_tokens and seconds > 0 else None
     summary["by_group"] = domain_stats(store)
     print(json.dumps(summary, indent=2))
 

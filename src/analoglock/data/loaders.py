@@ -235,6 +235,12 @@ def pair_documents(pairs: list[StoryPair], side: str = "both", dataset: str = ""
     if side not in ("a", "b", "both"):
         raise ValueError(f"side must be 'a', 'b' or 'both', not {side!r}")
     sides = ("a", "b") if side == "both" else (side,)
+    # Pair datasets are named <domain_a>_<domain_b> (fable_work, vacation_deadline).
+    names = (
+        dict(zip("ab", dataset.split("_", 1), strict=True))
+        if dataset.count("_") == 1
+        else {"a": "a", "b": "b"}
+    )
     docs = []
     for pair in pairs:
         for s in sides:
@@ -243,7 +249,13 @@ def pair_documents(pairs: list[StoryPair], side: str = "both", dataset: str = ""
             for k, role in enumerate(pair.roles):
                 phrase = role[0] if s == "a" else role[1]
                 spans += [Span(f"role{k}", lo, hi) for lo, hi in find_word(text, phrase)]
-            meta = {"dataset": dataset, "pair": pair.id, "side": s, "split": pair.split}
+            meta = {
+                "dataset": dataset,
+                "pair": pair.id,
+                "side": s,
+                "domain": names[s],
+                "split": pair.split,
+            }
             spans.sort(key=lambda sp: sp.start)
             docs.append(Document(f"{pair.id}:{s}", text, tuple(spans), meta))
     return docs
