@@ -59,8 +59,9 @@ class PartnerRetrieval(Metric):
 
     The candidates for each row are all B rows of the set, not only the batch, so rows are kept
     (cat states) and scored in `compute`. `compute` returns {"top1": ..., "top5": ...}; log it
-    with `log_dict`. Under DDP, avoid a sampler that pads with repeated rows: a repeated partner
-    is a tie and halves that row's top-1.
+    with `log_dict`; the value `forward` returns per batch ranks within that batch only. Under
+    DDP, avoid a sampler that pads with repeated rows: a repeated partner is a tie and halves
+    that row's top-1.
     """
 
     is_differentiable = False
@@ -102,8 +103,9 @@ class EquivarianceError(Metric):
     """`losses.relation_preservation` over all pairs of the whole set, accumulated by batches.
 
     The all-pairs value only needs sums (see `relation_preservation`), so states are float64
-    running sums, not rows: exact, O(d) memory, and summed across DDP ranks. Vector states are
-    sized on the first update, so every rank must see at least one batch.
+    running sums, not rows: exact, O(d) memory, and summed across DDP ranks. Vector sums start
+    as a scalar 0 that broadcasts to (d,) on the first update, so d need not be given; under
+    DDP every rank must see at least one batch.
     """
 
     is_differentiable = False
@@ -117,24 +119,19 @@ class EquivarianceError(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in ("n", "sum_sq_u", "sum_sq_b"):
+        for name in ("n", "sum_u", "sum_sq_u", "sum_b", "sum_sq_b"):
             self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        for name in ("sum_u", "sum_b"):
-            self.add_state(name, default=torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, mapped_a: Tensor, b: Tensor) -> None:
         """Add a batch of paired rows to the running sums."""
         check_paired(mapped_a, b)
         b_rows = _as_rows(b)
         u = _as_rows(mapped_a) - b_rows  # pair (i, j)'s relation error is u_i - u_j
-        if self.sum_u.numel() == 0:
-            self.sum_u = torch.zeros(b_rows.shape[1], dtype=torch.float64, device=b_rows.device)
-            self.sum_b = torch.zeros_like(self.sum_u)
-        self.n += len(b_rows)
-        self.sum_u += u.sum(dim=0)
-        self.sum_sq_u += u.pow(2).sum()
-        self.sum_b += b_rows.sum(dim=0)
-        self.sum_sq_b += b_rows.pow(2).sum()
+        self.n = self.n + len(b_rows)
+        self.sum_u = self.sum_u + u.sum(dim=0)  # out of place: the scalar 0 broadcasts to (d,)
+        self.sum_sq_u = self.sum_sq_u + u.pow(2).sum()
+        self.sum_b = self.sum_b + b_rows.sum(dim=0)
+        self.sum_sq_b = self.sum_sq_b + b_rows.pow(2).sum()
 
     def compute(self) -> Tensor:
         """Relation error over all pairs seen, normalised by the spread of B's relations."""
@@ -149,7 +146,8 @@ class FractionVarianceUnexplained(Metric):
     """FVU of a reconstruction: sum ||x - x_hat||^2 / sum ||x - mean x||^2 over the whole set.
 
     0 is perfect, 1 is as good as predicting the set's mean. States are float64 running sums
-    (the mean is the whole set's, not each batch's); the vector state is sized on first update.
+    (the mean is the whole set's, not each batch's); `sum_x` starts as a scalar 0 that
+    broadcasts to (d,), as in `EquivarianceError`.
     """
 
     is_differentiable = False
@@ -162,21 +160,18 @@ class FractionVarianceUnexplained(Metric):
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in ("n", "sum_sq_err", "sum_sq_x"):
+        for name in ("n", "sum_sq_err", "sum_x", "sum_sq_x"):
             self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("sum_x", default=torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, x: Tensor, x_hat: Tensor) -> None:
         """Add a batch of (..., d) targets and their reconstructions."""
         if x.shape != x_hat.shape:
             raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(x_hat.shape)}")
         x, x_hat = _as_rows(x), _as_rows(x_hat)
-        if self.sum_x.numel() == 0:
-            self.sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-        self.n += len(x)
-        self.sum_sq_err += (x - x_hat).pow(2).sum()
-        self.sum_x += x.sum(dim=0)
-        self.sum_sq_x += x.pow(2).sum()
+        self.n = self.n + len(x)
+        self.sum_sq_err = self.sum_sq_err + (x - x_hat).pow(2).sum()
+        self.sum_x = self.sum_x + x.sum(dim=0)  # out of place: the scalar 0 broadcasts to (d,)
+        self.sum_sq_x = self.sum_sq_x + x.pow(2).sum()
 
     def compute(self) -> Tensor:
         """FVU over every row seen."""
