@@ -84,7 +84,9 @@ class PartnerRetrieval(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """Top-k retrieval over every row seen."""
-        if not self.b:
+        # After a DDP sync the list state arrives already concatenated into one tensor.
+        empty = len(self.b) == 0 if isinstance(self.b, list) else self.b.numel() == 0
+        if empty:
             raise RuntimeError("PartnerRetrieval.compute() before any update()")
         return retrieval_topk(dim_zero_cat(self.mapped_a), dim_zero_cat(self.b), self.k)
 

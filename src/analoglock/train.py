@@ -1,0 +1,260 @@
+"""Orchestrate one analogy-lock run: harvest pairs, fit, compare with controls, export.
+
+`train(cfg)` only wires objects built from the Hydra config; the math lives in `maps`,
+`losses`, `metrics`, the learning in `lock`, the files in `export`. Every run reports the learned
+map beside the identity map, the closed-form baselines (mean difference, Procrustes) and the same
+training on shuffled pairs, all on the same held-out test pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from analoglock.export import METRICS_FILE, atomic_write_json, save_relation
+from analoglock.hooks import validate_hook
+from analoglock.lock import GROUPS, AnalogyLock, LockCallback
+from analoglock.losses import relation_preservation
+from analoglock.maps import build_mapper
+from analoglock.maps.baselines import apply_orthogonal, mean_difference, procrustes
+from analoglock.maps.orthogonal import OrthogonalMap
+from analoglock.metrics import retrieval_topk
+from analoglock.model import model_info
+from analoglock.pairs import PairedActivations, PairedDataModule, paired_activations
+
+log = logging.getLogger(__name__)
+
+
+def make_mapper(kind: str, d_model: int, train: PairedActivations, **kwargs: Any):
+    """Build a mapper; the orthogonal map starts from the closed-form Procrustes solution."""
+    if kind == "orthogonal":
+        return OrthogonalMap.from_procrustes(train.a, train.b)
+    return build_mapper(kind, d_model=d_model, **kwargs)
+
+
+def wandb_logger(
+    project: str, save_dir: str, name: str, offline: bool | None = None, **kwargs: Any
+):
+    """A WandbLogger that runs offline unless an API key is configured (runs sync later)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if offline is None:
+        offline = not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists())
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(project=project, save_dir=save_dir, name=name, offline=offline, **kwargs)
+
+
+def heldout_scores(
+    mapped: torch.Tensor, b: torch.Tensor, view: list[str], center: torch.Tensor
+) -> dict[str, float]:
+    """Retrieval and equivariance per view group and row-weighted overall, as the module computes them."""
+    out: dict[str, float] = {}
+    acc = {"top1": 0.0, "top5": 0.0, "equivariance": 0.0}
+    total = 0
+    for g in GROUPS:
+        rows = torch.tensor([(v == "story") == (g == "story") for v in view])
+        n = int(rows.sum())
+        if n < 2:
+            continue
+        m, bc = mapped[rows] - center, b[rows] - center
+        top = retrieval_topk(m, bc, (1, 5))
+        vals = {
+            "top1": float(top["top1"]),
+            "top5": float(top["top5"]),
+            "equivariance": float(relation_preservation(m, bc)),
+        }
+        out.update({f"{k}_{g}": v for k, v in vals.items()})
+        for k, v in vals.items():
+            acc[k] += n * v
+        total += n
+    out.update({k: v / max(total, 1) for k, v in acc.items()})
+    return out
+
+
+def fit(
+    cfg: DictConfig,
+    paired: PairedActivations,
+    center: torch.Tensor,
+    out_dir: Path | None,
+    logger,
+    shuffle_pairs_seed: int | None = None,
+    max_epochs: int | None = None,
+) -> tuple[AnalogyLock, LockCallback, L.Trainer]:
+    """Fit one AnalogyLock (the real run when out_dir is given; a control run otherwise)."""
+    train_part = paired.subset("train")
+    mapper = hydra.utils.instantiate(cfg.mapper)(d_model=paired.a.shape[1], train=train_part)
+    module = AnalogyLock(
+        mapper,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        weights=OmegaConf.to_container(cfg.loss.weights),
+        center=center,
+        temperature=cfg.loss.temperature,
+        relation_pairs=cfg.loss.relation_pairs,
+    )
+    dm = PairedDataModule(paired, batch_size=cfg.batch_size, shuffle_pairs_seed=shuffle_pairs_seed)
+    lock_cb = LockCallback(**cfg.lock, stop=out_dir is not None)
+    callbacks: list = [lock_cb]
+    if out_dir is not None:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=out_dir,
+                filename="best-{epoch}",
+                monitor="val/top1",
+                mode="max",
+                save_last=True,
+            )
+        )
+    overrides: dict[str, Any] = {
+        "callbacks": callbacks,
+        "logger": logger if logger is not None else False,
+    }
+    if out_dir is None:
+        overrides.update(
+            enable_checkpointing=False, enable_progress_bar=False, max_epochs=max_epochs
+        )
+    else:
+        overrides["default_root_dir"] = str(out_dir)
+    trainer = hydra.utils.instantiate(cfg.trainer, **overrides)
+    ckpt = out_dir / "last.ckpt" if out_dir is not None else None
+    resume = str(ckpt) if ckpt is not None and ckpt.exists() else None
+    if resume:
+        log.info("Resuming from %s", resume)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    return module, lock_cb, trainer
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run the whole lock experiment described by `cfg`; return the metrics written to metrics.json."""
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = hydra.utils.instantiate(cfg.model)
+    validate_hook(model, cfg.hook)
+    info = model_info(model).to_dict()
+    paired = paired_activations(
+        model, cfg.data.dataset, cfg.hook, tuple(cfg.data.views), progress=True
+    )
+    del model  # training needs only the activations; the frozen model never enters a checkpoint
+    train_part, test_part = paired.subset("train"), paired.subset("test")
+    if len(test_part) < 2:
+        raise ValueError(f"Need at least 2 test pairs, got {len(test_part)}.")
+    center = torch.cat([train_part.a, train_part.b]).mean(0)
+
+    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else None
+    if logger is not None and hasattr(logger, "log_hyperparams"):
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    module, lock_cb, trainer = fit(cfg, paired, center, out_dir, logger)
+    epochs_run = trainer.current_epoch
+    if trainer.global_rank != 0:
+        return {}  # under DDP, rank 0 alone evaluates and writes the artifacts
+
+    with torch.no_grad():
+        learned = heldout_scores(module.mapper(test_part.a), test_part.b, test_part.view, center)
+        identity = heldout_scores(test_part.a, test_part.b, test_part.view, center)
+        r_md = mean_difference(train_part.a, train_part.b)
+        meandiff = heldout_scores(test_part.a + r_md, test_part.b, test_part.view, center)
+        R, mu_a, mu_b = procrustes(train_part.a, train_part.b)
+        procr = heldout_scores(
+            apply_orthogonal(test_part.a, R, mu_a, mu_b), test_part.b, test_part.view, center
+        )
+
+    shuffled: dict[str, float] = {}
+    shuffled_locked = None
+    if cfg.shuffled_control:
+        # Same config, same epoch budget, partners deranged: it must not beat the real run or lock.
+        ctrl, ctrl_cb, _ = fit(
+            cfg,
+            paired,
+            center,
+            None,
+            None,
+            shuffle_pairs_seed=cfg.seed + 1,
+            max_epochs=max(1, epochs_run),
+        )
+        shuffled_locked = any(h["locked"] for h in ctrl_cb.history)
+        with torch.no_grad():
+            shuffled = heldout_scores(ctrl.mapper(test_part.a), test_part.b, test_part.view, center)
+
+    relation = module.mapper.relation_vector(train_part.a).detach()
+    save_relation(
+        out_dir,
+        module.mapper,
+        {"relation": relation, "meandiff": r_md, "center": center},
+        model=info,
+        hook=cfg.hook,
+        extra={
+            "dataset": cfg.data.dataset,
+            "views": list(cfg.data.views),
+            "run_name": cfg.run_name,
+        },
+    )
+    metrics = {
+        "locked": lock_cb.locked,
+        "lock_epoch": lock_cb.lock_epoch,
+        "epochs_run": epochs_run,
+        "heldout_top1": learned["top1"],
+        "heldout_top5": learned["top5"],
+        "equivariance_error": learned["equivariance"],
+        "shuffled_control_top1": shuffled.get("top1"),
+        "shuffled_control_locked": shuffled_locked,
+        "heldout_top1_story": learned.get("top1_story"),
+        "shuffled_control_top1_story": shuffled.get("top1_story"),
+        "meandiff_top1_story": meandiff.get("top1_story"),
+        "procrustes_top1_story": procr.get("top1_story"),
+        "identity_top1_story": identity.get("top1_story"),
+        "meandiff_top1": meandiff["top1"],
+        "procrustes_top1": procr["top1"],
+        "identity_top1": identity["top1"],
+        "chance_top1": {
+            g: 1 / max(1, sum((v == "story") == (g == "story") for v in test_part.view))
+            for g in GROUPS
+        },
+        "n_pairs": {s: len(paired.subset(s)) for s in ("train", "validation", "test")},
+        "relation_norm": float(relation.norm()),
+        "meandiff_norm": float(r_md.norm()),
+        "detail": {
+            "learned": learned,
+            "identity": identity,
+            "meandiff": meandiff,
+            "procrustes": procr,
+            "shuffled_control": shuffled,
+        },
+        "history": lock_cb.history,
+        "model": info,
+        "hook": cfg.hook,
+    }
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
+    from analoglock.reports.lock import lock_report
+
+    figures = lock_report(
+        metrics,
+        module.mapper(test_part.a).detach() - center,
+        test_part.b - center,
+        test_part.view,
+        out_dir,
+    )
+    if (
+        logger is not None
+        and hasattr(logger, "experiment")
+        and type(logger).__name__ == "WandbLogger"
+    ):
+        import wandb
+
+        logger.experiment.log({name: wandb.Plotly(fig) for name, fig in figures.items()})
+        logger.experiment.summary.update(
+            {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}
+        )
+    log.info(
+        "metrics: %s",
+        json.dumps({k: v for k, v in metrics.items() if k not in ("history", "detail", "model")}),
+    )
+    return metrics
