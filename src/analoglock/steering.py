@@ -275,7 +275,7 @@ def _mean(x: Tensor) -> float:
 def evaluate_steering(
     model,
     relation_vector: Annotated[Tensor, "d_model"],
-    hook: str,
+    hook: str | Sequence[str],
     prompts: Sequence[str],
     a_refs: Sequence[str],
     b_refs: Sequence[str],
@@ -301,8 +301,11 @@ def evaluate_steering(
     `fluency_ratio` (perplexity of the continuations alone, steered over unsteered) and
     `diversity_ratio` (distinct bigrams, steered over unsteered: low means looping text).
     `judge` is anything with `domain_score(texts, a_refs, b_refs)`; None loads the shipped one.
+    `hook` may be several hook names: every arm then adds its vector at each of them.
     """
-    validate_hook(model, hook)
+    hook_names = [hook] if isinstance(hook, str) else list(hook)
+    for name in hook_names:
+        validate_hook(model, name)
     scales = [float(s) for s in scales]
     if not scales:
         raise ValueError("scales is empty; give at least one scale, e.g. [0, 4].")
@@ -333,7 +336,7 @@ def evaluate_steering(
     base_distinct = _mean(distinct_n(base.new_tokens))
 
     def measure(vector: Tensor, scale: float) -> tuple[dict[str, float], list[str]]:
-        hooks = [(hook, add_vector_hook(vector, scale))]
+        hooks = [(name, add_vector_hook(vector, scale)) for name in hook_names]
         gen = generate(model, prompts, fwd_hooks=hooks, **gen_kw)
         mass = domain_mass(model, prompts, gen.new_tokens, vocab_a, vocab_b, hooks, batch_size)
         score = judge.domain_score(gen.completions, a_refs, b_refs)
@@ -370,7 +373,7 @@ def evaluate_steering(
         generations.append(item)
     tok = model.tokenizer
     return {
-        "hook": hook,
+        "hook": ", ".join(hook_names),
         "scales": scales,
         "generation_scale": top,
         "max_new_tokens": max_new_tokens,

@@ -349,3 +349,14 @@ def test_cli_end_to_end(tiny_model, tiny_dir, tmp_path, monkeypatch, vector):
     assert "center" not in saved["norms"] and "center" not in saved["results"][0]
     assert (ckpt / "steer.html").exists()
     print_report(report)  # the rich tables render
+
+
+def test_steering_hooks_for_layers():
+    from analoglock.cli.steer import steering_hooks
+
+    assert steering_hooks("blocks.12.hook_resid_post", None) == ["blocks.12.hook_resid_post"]
+    assert steering_hooks("blocks.12.hook_resid_post", [3, 5]) == [
+        "blocks.3.hook_resid_post",
+        "blocks.5.hook_resid_post",
+    ]
+    assert steering_hooks("blocks.12.hook_mlp_out", 7) == ["blocks.7.hook_mlp_out"]

@@ -168,6 +168,15 @@ def log_wandb(cfg: DictConfig, report: dict[str, Any], fig) -> None:
     run.finish()
 
 
+def steering_hooks(learned_hook: str, layers) -> list[str]:
+    """Where to add the relation: its own hook (layers=null) or that hook's kind at other layers."""
+    if layers is None:
+        return [learned_hook]
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    kind = learned_hook.split(".", 2)[-1] if learned_hook.startswith("blocks.") else learned_hook
+    return [f"blocks.{int(layer)}.{kind}" for layer in layers]
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Everything `main` does, returning the report (tests call this with a composed config)."""
     from analoglock.export import atomic_write_json, load_relation
@@ -190,7 +199,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     report = evaluate_steering(
         model,
         relation.vector,
-        relation.hook,
+        steering_hooks(relation.hook, cfg.get("layers")),
         prompts,
         a_refs,
         b_refs,
