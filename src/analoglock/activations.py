@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from analoglock.atomic import save_tensors, write_text
 from analoglock.data.documents import Document
 from analoglock.hooks import stop_layer, validate_hooks
-from analoglock.model import model_info
+from analoglock.model import as_dtype, model_info
 from analoglock.positions import AllTokens
 
 log = logging.getLogger(__name__)
@@ -212,7 +211,7 @@ def harvest(
     """Harvest activations in memory; rows come back ordered by (document, position)."""
     hooks = validate_hooks(model, hooks)
     positions = positions or AllTokens()
-    store_dtype = _dtype(store_dtype)
+    store_dtype = as_dtype(store_dtype)
     parts = []
     bar = None
     for _, n, rows, _ntok in _iter_batches(
@@ -227,30 +226,6 @@ def harvest(
     cat = _concat(parts, hooks, model.cfg.d_model, store_dtype)
     result = Activations({h: cat[h] for h in hooks}, *(cat[k] for k in INDEX_KEYS), docs=list(docs))
     return result.sorted()
-
-
-def _dtype(d: torch.dtype | str) -> torch.dtype:
-    """Parse a dtype name."""
-    if isinstance(d, torch.dtype):
-        return d
-    value = getattr(torch, str(d).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"Unknown dtype {d!r}; use float32, bfloat16 or float16.")
-    return value
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write text to a temp file beside `path`, then rename over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors save through a temp file and rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def _fingerprint(info: dict, hooks, positions, docs, max_length, dtype) -> str:
@@ -280,7 +255,7 @@ def harvest_to_disk(
     """Stream a harvest into safetensors shards under `out_dir`, resuming an interrupted one."""
     hooks = validate_hooks(model, hooks)
     positions = positions or AllTokens()
-    store_dtype = _dtype(store_dtype)
+    store_dtype = as_dtype(store_dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = model_info(model).to_dict()
@@ -299,7 +274,7 @@ def harvest_to_disk(
             return ActivationStore(out)
         log.info("Resuming harvest in %s after batch %d", out, meta["batches_done"])
     else:
-        _atomic_write_text(out / DOCS_FILE, "".join(json.dumps(d.to_dict()) + "\n" for d in docs))
+        write_text(out / DOCS_FILE, "".join(json.dumps(d.to_dict()) + "\n" for d in docs))
         meta = {
             "format_version": FORMAT_VERSION,
             "model": info,
@@ -318,7 +293,7 @@ def harvest_to_disk(
             "fingerprint": fp,
             **(extra_meta or {}),
         }
-        _atomic_write_text(meta_path, json.dumps(meta, indent=1))
+        write_text(meta_path, json.dumps(meta, indent=1))
 
     buffer: list[dict[str, torch.Tensor]] = []
     buffered_rows = 0
@@ -329,12 +304,12 @@ def harvest_to_disk(
         nonlocal buffer, buffered_rows, buffered_tokens
         if buffered_rows:
             name = f"shard_{len(meta['shards']):05d}.safetensors"
-            _atomic_save_tensors(out / name, _concat(buffer, hooks, model.cfg.d_model, store_dtype))
+            save_tensors(out / name, _concat(buffer, hooks, model.cfg.d_model, store_dtype))
             meta["shards"].append({"file": name, "rows": buffered_rows})
         meta["n_rows"] += buffered_rows
         meta["n_tokens_seen"] += buffered_tokens
         meta["batches_done"] = batches_done
-        _atomic_write_text(meta_path, json.dumps(meta, indent=1))  # the commit point
+        write_text(meta_path, json.dumps(meta, indent=1))  # the commit point
         buffer, buffered_rows, buffered_tokens = [], 0, 0
 
     stream = _iter_batches(
@@ -361,7 +336,7 @@ def harvest_to_disk(
         bar.close()
     flush(n_batches)
     meta["complete"] = True
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    write_text(meta_path, json.dumps(meta, indent=1))
     return ActivationStore(out)
 
 
@@ -416,7 +391,7 @@ class ActivationStore:
                 self.path,
                 len(self),
             )
-        dtype = _dtype(self.meta["dtype"])
+        dtype = as_dtype(self.meta["dtype"])
         cat = _concat(list(self.iter_shards(hooks)), hooks, self.meta["d_model"], dtype)
         acts = Activations(
             {h: cat[h] for h in hooks}, *(cat[k] for k in INDEX_KEYS), docs=self.docs()

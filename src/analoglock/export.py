@@ -9,14 +9,14 @@ anything (safetensors + JSON only) and refuses an artifact made on a different m
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from analoglock.atomic import save_tensors, write_json
 
 RELATION_FILE = "relation.safetensors"
 CFG_FILE = "cfg.json"
@@ -49,13 +49,6 @@ class Relation:
         return self.vectors["relation"]
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """JSON through a temp file and rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_relation(
     out_dir: str | Path,
     mapper,
@@ -84,10 +77,8 @@ def save_relation(
     for k, v in mapper.export_tensors().items():
         tensors[_MAP_PREFIX + k] = v.detach().float().cpu().clone()
     path = out / RELATION_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(cfg)})
-    os.replace(tmp, path)
-    atomic_write_json(out / CFG_FILE, cfg)
+    save_tensors(path, tensors, metadata={_META_KEY: json.dumps(cfg)})
+    write_json(out / CFG_FILE, cfg)
     return path
 
 

@@ -237,7 +237,7 @@ def _pass_kv_cache_to_bridge_attention(bridge) -> int:
     return n
 
 
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """Accept 'float32'/'bfloat16' strings from configs."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -259,7 +259,7 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
     hf, tok, source, sha = load_hf(spec, dtype)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # batching needs a pad id; pads are masked everywhere

@@ -20,7 +20,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from analoglock.export import METRICS_FILE, atomic_write_json, save_relation
+from analoglock.atomic import write_json
+from analoglock.export import METRICS_FILE, save_relation
 from analoglock.hooks import validate_hook
 from analoglock.lock import GROUPS, AnalogyLock, LockCallback
 from analoglock.losses import relation_preservation
@@ -249,7 +250,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "model": info,
         "hook": cfg.hook,
     }
-    atomic_write_json(out_dir / METRICS_FILE, metrics)
+    write_json(out_dir / METRICS_FILE, metrics)
     from analoglock.reports.lock import lock_report
 
     figures = lock_report(

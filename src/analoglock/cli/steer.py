@@ -179,7 +179,8 @@ def steering_hooks(learned_hook: str, layers) -> list[str]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Everything `main` does, returning the report (tests call this with a composed config)."""
-    from analoglock.export import atomic_write_json, load_relation
+    from analoglock.atomic import write_json
+    from analoglock.export import load_relation
     from analoglock.model import model_info
     from analoglock.steering import evaluate_steering, plot_steering
 
@@ -222,7 +223,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out, report)
+    write_json(out, report)
     fig = plot_steering(report, cfg.plot)
     if cfg.wandb:
         log_wandb(cfg, report, fig)

@@ -22,6 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from analoglock.atomic import write_json
 from analoglock.data.documents import Document
 from analoglock.data.loaders import DatasetFormatError
 from analoglock.generation import chat_prompt, generate
@@ -223,9 +224,7 @@ def _check_settings(path: Path, settings: CorpusSettings, has_lines: bool) -> No
         return
     if has_lines:
         log.warning("%s has no %s; assuming it matches the current settings", path, meta.name)
-    tmp = meta.with_name(meta.name + ".tmp")
-    tmp.write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, meta)
+    write_json(meta, wanted)
 
 
 def sample_batch(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 
 import plotly.graph_objects as go
+
+from analoglock.atomic import write_text
 
 
 def write_report(
@@ -31,7 +32,5 @@ def write_report(
         parts.append(f"<h2>{html.escape(name)}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
     parts.append("</body></html>")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, "\n".join(parts))
     return path
