@@ -1,0 +1,72 @@
+"""Feature bases fit on frozen activations, registered by `kind` (the string stored in cfg.json).
+
+Every basis is a `FeatureBasis` (see base.py) and satisfies `maps.sparse.FeatureBasisLike`;
+this module only names them, builds them and loads them. Comparing bases lives in `matching`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+from analoglock.bases.base import (
+    BASIS_FILE,
+    CFG_FILE,
+    BasisArtifactError,
+    FeatureBasis,
+    read_basis_cfg,
+)
+from analoglock.bases.cca import CCABasis, CCADomain
+from analoglock.bases.matching import Match, decomposition_matrix, match_features
+from analoglock.bases.nmf import NMFBasis
+from analoglock.bases.pca import PCABasis
+from analoglock.bases.svd import SVDBasis
+
+BASES: dict[str, type[FeatureBasis]] = {
+    cls.kind: cls for cls in (SVDBasis, PCABasis, NMFBasis, CCABasis)
+}
+
+
+def basis_class(kind: str) -> type[FeatureBasis]:
+    """The FeatureBasis class registered under `kind`, or a ValueError listing the valid kinds."""
+    if kind in BASES:
+        return BASES[kind]
+    close = difflib.get_close_matches(str(kind), BASES, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown basis kind {kind!r}.{hint} Valid kinds: {', '.join(BASES)}.")
+
+
+def build_basis(kind: str, **kwargs: Any) -> FeatureBasis:
+    """A fresh, unfitted basis of this kind; kwargs are its constructor's (n_components, hook, ...)."""
+    return basis_class(kind)(**kwargs)
+
+
+def load_basis(in_dir: str | Path) -> FeatureBasis:
+    """Load a saved basis, picking the class from the "kind" in its cfg.json."""
+    cfg = read_basis_cfg(in_dir)
+    if "kind" not in cfg:
+        raise BasisArtifactError(
+            f"{Path(in_dir) / CFG_FILE} has no 'kind'; valid kinds: {', '.join(BASES)}"
+        )
+    return basis_class(cfg["kind"]).load(in_dir)
+
+
+__all__ = [
+    "BASES",
+    "BASIS_FILE",
+    "CFG_FILE",
+    "BasisArtifactError",
+    "CCABasis",
+    "CCADomain",
+    "FeatureBasis",
+    "Match",
+    "NMFBasis",
+    "PCABasis",
+    "SVDBasis",
+    "basis_class",
+    "build_basis",
+    "decomposition_matrix",
+    "load_basis",
+    "match_features",
+]

@@ -1,0 +1,185 @@
+"""`FeatureBasis`: the shared shape of every fitted feature basis (SVD, PCA, NMF, CCA, ...).
+
+A basis is fit once on activations at one hook, then frozen: `encode` turns activations
+[..., d_model] into codes [..., n_features], `decode` turns codes back, and `directions` are the
+decoder directions [n_features, d_model] that `matching` compares across bases. It satisfies
+`analoglock.maps.sparse.FeatureBasisLike`, so any basis can sit under a `SparseFeatureMap`.
+Owns the artifact format (`basis.safetensors` + `cfg.json`, atomic writes) and the quality
+numbers; knows nothing of models, harvesting or which variant it is beyond `kind`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from analoglock.atomic import save_tensors, write_json
+from analoglock.metrics import FractionVarianceUnexplained
+
+BASIS_FILE = "basis.safetensors"
+CFG_FILE = "cfg.json"
+BASIS_VERSION = 1
+ACTIVE_EPS = 1e-6  # |code| above this counts as active for l0 and dead features
+
+
+class BasisArtifactError(ValueError):
+    """A basis directory that is missing files, holds another kind, or does not match its config."""
+
+
+def as_rows(x: Tensor, name: str = "x") -> Tensor:
+    """Check x is [n, d] with at least one row, as float; fit takes rows, not [..., d]."""
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"{name} must be [n, d_model] with n >= 1, got shape {tuple(x.shape)}")
+    return x.detach().float()
+
+
+class FeatureBasis(nn.Module):
+    """A frozen linear-ish feature basis at one hook; subclasses implement fit/encode/decode.
+
+    Subclasses set `kind`, list their fitted tensors in `tensor_names` (registered as buffers,
+    None until fit, so `.to()` moves them and save/load round-trips them), and return their
+    constructor arguments from `config()` so `load` can rebuild them.
+    """
+
+    kind: ClassVar[str] = ""
+    tensor_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, n_components: int, hook: str = ""):
+        super().__init__()
+        if int(n_components) < 1:
+            raise ValueError(f"n_components must be >= 1, got {n_components}")
+        self.n_components = int(n_components)
+        self.hook = hook
+        self.d_model: int | None = None  # known once fit (or loaded)
+        for name in self.tensor_names:
+            self.register_buffer(name, None)
+
+    # --- what subclasses provide -------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments other than hook (rebuilds an unfitted twin on load)."""
+        return {"n_components": self.n_components}
+
+    def fit(self, x: Annotated[Tensor, "n d_model"]) -> FeatureBasis:
+        """Fit on rows of activations; returns self."""
+        raise NotImplementedError
+
+    def encode(self, x: Annotated[Tensor, "... d_model"]) -> Annotated[Tensor, "... n_features"]:
+        """Activations to codes."""
+        raise NotImplementedError
+
+    def decode(
+        self, codes: Annotated[Tensor, "... n_features"]
+    ) -> Annotated[Tensor, "... d_model"]:
+        """Codes to activations."""
+        raise NotImplementedError
+
+    @property
+    def directions(self) -> Annotated[Tensor, "n_features d_model"]:
+        """Decoder directions, one row per feature."""
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------
+
+    @property
+    def n_features(self) -> int:
+        """Size of the code space (PCA with mean_as_feature has one more than n_components)."""
+        return self.n_components
+
+    @property
+    def fitted(self) -> bool:
+        """Whether every fitted tensor is present."""
+        return all(getattr(self, name) is not None for name in self.tensor_names)
+
+    def check_fitted(self) -> None:
+        """Raise a clear error when used before fit/load."""
+        if not self.fitted:
+            raise RuntimeError(
+                f"{type(self).__name__} is not fitted: call .fit(x) or load it first"
+            )
+
+    def forward(self, x: Annotated[Tensor, "... d_model"]) -> Annotated[Tensor, "... d_model"]:
+        """Reconstruction decode(encode(x))."""
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def quality(self, x: Annotated[Tensor, "... d_model"]) -> dict[str, float]:
+        """fvu, mse, l0 (mean active codes per row) and dead_fraction (features never active on x)."""
+        self.check_fitted()
+        codes = self.encode(x)
+        x_hat = self.decode(codes)
+        fvu = FractionVarianceUnexplained()
+        fvu.update(x, x_hat)
+        active = codes.reshape(-1, codes.shape[-1]).abs() > ACTIVE_EPS
+        return {
+            "fvu": float(fvu.compute()),
+            "mse": float((x.float() - x_hat.float()).pow(2).mean()),
+            "l0": float(active.float().sum(dim=-1).mean()),
+            "dead_fraction": float((~active.any(dim=0)).float().mean()),
+        }
+
+    def save(self, out_dir: str | Path, model: dict[str, Any] | None = None) -> Path:
+        """Write `basis.safetensors` and `cfg.json` (kind, hook, dims, config, model) to out_dir."""
+        self.check_fitted()
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {name: getattr(self, name).detach().cpu() for name in self.tensor_names}
+        save_tensors(out / BASIS_FILE, tensors, metadata={"kind": self.kind})
+        cfg = {
+            "kind": self.kind,
+            "version": BASIS_VERSION,
+            "hook": self.hook,
+            "n_features": self.n_features,
+            "d_model": self.d_model,
+            "config": self.config(),
+            "model": model,
+        }
+        write_json(out / CFG_FILE, cfg)
+        return out
+
+    @classmethod
+    def load(cls, in_dir: str | Path) -> FeatureBasis:
+        """Rebuild a saved basis of this class; refuses another kind or a size mismatch."""
+        cfg = read_basis_cfg(in_dir)
+        if cfg.get("kind") != cls.kind:
+            raise BasisArtifactError(
+                f"{in_dir} holds a {cfg.get('kind')!r} basis, not {cls.kind!r}; "
+                "use analoglock.bases.load_basis to pick the class from cfg.json"
+            )
+        basis = cls(**cfg["config"], hook=cfg.get("hook", ""))
+        path = Path(in_dir) / BASIS_FILE
+        if not path.exists():
+            raise BasisArtifactError(f"{in_dir} has cfg.json but no {BASIS_FILE}")
+        tensors = load_file(str(path))
+        missing = set(cls.tensor_names) - set(tensors)
+        if missing:
+            raise BasisArtifactError(f"{path} lacks tensors {sorted(missing)}")
+        for name in cls.tensor_names:
+            setattr(
+                basis, name, tensors[name].clone()
+            )  # own, aligned memory: same kernels, same bits
+        basis.d_model = cfg["d_model"]
+        if basis.n_features != cfg["n_features"]:
+            raise BasisArtifactError(
+                f"{in_dir}: cfg.json says n_features={cfg['n_features']}, tensors give "
+                f"{basis.n_features}"
+            )
+        return basis
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, hook={self.hook!r}, n_features={self.n_features}, d_model={self.d_model}"
+
+
+def read_basis_cfg(in_dir: str | Path) -> dict[str, Any]:
+    """The cfg.json of a saved basis, or a BasisArtifactError saying what is missing."""
+    path = Path(in_dir) / CFG_FILE
+    if not path.exists():
+        raise BasisArtifactError(
+            f"{in_dir} is not a saved basis: no {CFG_FILE} (write one with FeatureBasis.save)"
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
