@@ -6,7 +6,6 @@ this module only names them, builds them and loads them. Comparing bases lives i
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from analoglock.bases.matching import Match, decomposition_matrix, match_feature
 from analoglock.bases.nmf import NMFBasis
 from analoglock.bases.pca import PCABasis
 from analoglock.bases.svd import SVDBasis
+from analoglock.registry import lookup
 
 BASES: dict[str, type[FeatureBasis]] = {
     cls.kind: cls for cls in (SVDBasis, PCABasis, NMFBasis, CCABasis)
@@ -30,11 +30,7 @@ BASES: dict[str, type[FeatureBasis]] = {
 
 def basis_class(kind: str) -> type[FeatureBasis]:
     """The FeatureBasis class registered under `kind`, or a ValueError listing the valid kinds."""
-    if kind in BASES:
-        return BASES[kind]
-    close = difflib.get_close_matches(str(kind), BASES, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Unknown basis kind {kind!r}.{hint} Valid kinds: {', '.join(BASES)}.")
+    return lookup(BASES, kind, "basis")
 
 
 def build_basis(kind: str, **kwargs: Any) -> FeatureBasis:

@@ -6,7 +6,6 @@ baselines (mean difference, Procrustes, least squares) live in `analoglock.maps.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from torch import Tensor
@@ -17,6 +16,7 @@ from analoglock.maps.lowrank import LowRankMap
 from analoglock.maps.orthogonal import OrthogonalMap
 from analoglock.maps.sparse import FeatureBasisLike, SparseFeatureMap
 from analoglock.maps.translation import TranslationMap
+from analoglock.registry import lookup
 
 MAPPERS: dict[str, type[Mapper]] = {
     cls.kind: cls
@@ -26,11 +26,7 @@ MAPPERS: dict[str, type[Mapper]] = {
 
 def mapper_class(kind: str) -> type[Mapper]:
     """The Mapper class registered under `kind`, or a ValueError listing the valid kinds."""
-    if kind in MAPPERS:
-        return MAPPERS[kind]
-    close = difflib.get_close_matches(str(kind), MAPPERS, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Unknown mapper kind {kind!r}.{hint} Valid kinds: {', '.join(MAPPERS)}.")
+    return lookup(MAPPERS, kind, "mapper")
 
 
 def build_mapper(kind: str, **kwargs: Any) -> Mapper:
