@@ -26,6 +26,7 @@ from analoglock.data.documents import Document
 from analoglock.hooks import stop_layer, validate_hooks
 from analoglock.model import as_dtype, model_info
 from analoglock.positions import AllTokens
+from analoglock.tokens import pad_ids, prepend_bos_id
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def tokenize_documents(
 ) -> list[Tokenized]:
     """Tokenize like `model.to_tokens` (BOS prepended when the model does), keeping offsets."""
     tok = model.tokenizer
-    bos = tok.bos_token_id if model.cfg.default_prepend_bos else None
+    bos = prepend_bos_id(model)
     enc = tok([d.text for d in docs], add_special_tokens=False, return_offsets_mapping=True)
     out = []
     truncated = 0
@@ -113,17 +114,6 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def _pad(batch: list[Tokenized], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask."""
-    width = max(len(t.ids) for t in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for r, t in enumerate(batch):
-        ids[r, : len(t.ids)] = torch.tensor(t.ids)
-        mask[r, : len(t.ids)] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def _run_batch(
     model, ids, mask, hooks: list[str], rows_b, rows_p, stop, store_dtype
@@ -152,14 +142,14 @@ def _run_batch(
 def _iter_batches(
     model, docs, hooks, positions, batch_tokens, max_length, store_dtype, start_batch: int = 0
 ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
-    """Yield (batch number, n batches, rows) where rows hold acts and index tensors."""
+    """Yield (batch number, n batches, rows, real tokens in the batch); rows hold acts and index tensors."""
     toks = tokenize_documents(model, docs, max_length)
     batches = plan_batches([len(t.ids) for t in toks], batch_tokens)
     stop = stop_layer(hooks, model.cfg.n_layers)
     pad_id = model.tokenizer.pad_token_id
     for b in range(start_batch, len(batches)):
         members = batches[b]
-        ids, mask = _pad([toks[i] for i in members], pad_id)
+        ids, mask = pad_ids([toks[i].ids for i in members], pad_id)
         sel_b, sel_p, doc_i, span_i = [], [], [], []
         for r, i in enumerate(members):
             for pos, span in positions.select(docs[i], toks[i].offsets, toks[i].first_real):

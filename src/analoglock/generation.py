@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from analoglock.tokens import pad_ids, prepend_bos_id
+
 Hook = tuple[str, Callable]
 
 
@@ -40,20 +42,14 @@ def chat_prompt(model, user_message: str) -> str:
 def encode_prompts(model, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and mask, BOS prepended as `model.to_tokens` does (unless the text has it)."""
     tok = model.tokenizer
-    bos = tok.bos_token_id if model.cfg.default_prepend_bos else None
+    bos = prepend_bos_id(model)
     rows = []
     for p in prompts:
         ids = tok(p, add_special_tokens=False)["input_ids"]
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
         rows.append(ids)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
+    return pad_ids(rows, tok.pad_token_id, side="left")
 
 
 @torch.no_grad()

@@ -25,6 +25,17 @@ LOSS_TERMS = ("match", "infonce", "relation", "cka", "rsa", "cycle")
 GROUPS = ("story", "roles")  # retrieval groups; batches carry the group index of each row
 
 
+def combine_groups(per_group: dict[str, tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """`<metric>_<group>` for each view group, plus each metric's row-weighted mean over groups."""
+    out: dict[str, float] = {}
+    total = sum(n for n, _ in per_group.values())
+    for g, (_, values) in per_group.items():
+        out.update({f"{k}_{g}": v for k, v in values.items()})
+    for key in ("top1", "top5", "equivariance"):
+        out[key] = sum(n * values[key] for n, values in per_group.values()) / max(total, 1)
+    return out
+
+
 def relative_change(new: torch.Tensor, old: torch.Tensor, eps: float = 1e-12) -> float:
     """||new - old|| / ||old||: how far the map moved this epoch."""
     return float((new - old).norm() / (old.norm() + eps))
@@ -146,31 +157,25 @@ class AnalogyLock(L.LightningModule):
 
     def _eval_compute(self, metrics: torch.nn.ModuleDict) -> dict[str, float]:
         """Per-view top1/top5/equivariance, and their row-weighted means as the headline."""
-        out: dict[str, float] = {}
-        weighted = {"top1": 0.0, "top5": 0.0, "equivariance": 0.0}
-        total = 0
+        per_group: dict[str, tuple[int, dict[str, float]]] = {}
         for g in self.groups:
             ret, eq = metrics[g]["ret"], metrics[g]["eq"]
-            n = (
-                sum(int(x.shape[0]) for x in ret.mapped_a)
-                if isinstance(ret.mapped_a, list)
-                else int(ret.mapped_a.shape[0])
-            )
+            # After a DDP sync the list state arrives concatenated into one tensor.
+            rows = ret.mapped_a if isinstance(ret.mapped_a, list) else [ret.mapped_a]
+            n = sum(int(x.shape[0]) for x in rows)
             if n >= 2:
                 top = ret.compute()
-                values = {
-                    "top1": float(top["top1"]),
-                    "top5": float(top["top5"]),
-                    "equivariance": float(eq.compute()),
-                }
-                out.update({f"{k}_{g}": v for k, v in values.items()})
-                for k, v in values.items():
-                    weighted[k] += n * v
-                total += n
+                per_group[g] = (
+                    n,
+                    {
+                        "top1": float(top["top1"]),
+                        "top5": float(top["top5"]),
+                        "equivariance": float(eq.compute()),
+                    },
+                )
             ret.reset()
             eq.reset()
-        out.update({k: v / max(total, 1) for k, v in weighted.items()})
-        return out
+        return combine_groups(per_group)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_update(batch, self.val_metrics)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from analoglock.generation import Hook, encode_prompts, generate
 from analoglock.hooks import validate_hook
 from analoglock.judge import load_judge
+from analoglock.tokens import pad_ids
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +164,7 @@ def _teacher_forced(
     device = model.cfg.device
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        width = max(len(r) for r in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(batch):
-            ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_ids(batch, pad)
         with model.hooks(fwd_hooks=list(fwd_hooks)):
             logits = model(ids.to(device), attention_mask=mask.to(device))
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from analoglock.atomic import write_json
 from analoglock.export import METRICS_FILE, save_relation
 from analoglock.hooks import validate_hook
-from analoglock.lock import GROUPS, AnalogyLock, LockCallback
+from analoglock.lock import GROUPS, AnalogyLock, LockCallback, combine_groups
 from analoglock.losses import relation_preservation
 from analoglock.maps import build_mapper
 from analoglock.maps.baselines import apply_orthogonal, mean_difference, procrustes
@@ -58,9 +58,7 @@ def heldout_scores(
     mapped: torch.Tensor, b: torch.Tensor, view: list[str], center: torch.Tensor
 ) -> dict[str, float]:
     """Retrieval and equivariance per view group and row-weighted overall, as the module computes them."""
-    out: dict[str, float] = {}
-    acc = {"top1": 0.0, "top5": 0.0, "equivariance": 0.0}
-    total = 0
+    per_group: dict[str, tuple[int, dict[str, float]]] = {}
     for g in GROUPS:
         rows = torch.tensor([(v == "story") == (g == "story") for v in view])
         n = int(rows.sum())
@@ -68,17 +66,15 @@ def heldout_scores(
             continue
         m, bc = mapped[rows] - center, b[rows] - center
         top = retrieval_topk(m, bc, (1, 5))
-        vals = {
-            "top1": float(top["top1"]),
-            "top5": float(top["top5"]),
-            "equivariance": float(relation_preservation(m, bc)),
-        }
-        out.update({f"{k}_{g}": v for k, v in vals.items()})
-        for k, v in vals.items():
-            acc[k] += n * v
-        total += n
-    out.update({k: v / max(total, 1) for k, v in acc.items()})
-    return out
+        per_group[g] = (
+            n,
+            {
+                "top1": float(top["top1"]),
+                "top5": float(top["top5"]),
+                "equivariance": float(relation_preservation(m, bc)),
+            },
+        )
+    return combine_groups(per_group)
 
 
 def fit(
@@ -176,7 +172,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return {}  # under DDP, rank 0 alone evaluates and writes the artifacts
 
     with torch.no_grad():
-        learned = heldout_scores(module.mapper(test_part.a), test_part.b, test_part.view, center)
+        mapped_test = module.mapper(test_part.a)
+        learned = heldout_scores(mapped_test, test_part.b, test_part.view, center)
         identity = heldout_scores(test_part.a, test_part.b, test_part.view, center)
         r_md = mean_difference(train_part.a, train_part.b)
         meandiff = heldout_scores(test_part.a + r_md, test_part.b, test_part.view, center)
@@ -255,7 +252,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     figures = lock_report(
         metrics,
-        module.mapper(test_part.a).detach() - center,
+        mapped_test - center,
         test_part.b - center,
         test_part.view,
         out_dir,

@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from analoglock.activations import _pad, plan_batches, tokenize_documents
+from analoglock.activations import plan_batches, tokenize_documents
 from analoglock.data.documents import Document
 from analoglock.hooks import validate_hook
+from analoglock.tokens import pad_ids
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,7 +33,7 @@ def next_token_ce(
     toks = tokenize_documents(model, docs, max_length)
     total, count = 0.0, 0
     for members in plan_batches([len(t.ids) for t in toks], batch_tokens):
-        ids, mask = _pad([toks[i] for i in members], model.tokenizer.pad_token_id)
+        ids, mask = pad_ids([toks[i].ids for i in members], model.tokenizer.pad_token_id)
         hooks = []
         if hook is not None and reconstruct is not None:
 
