@@ -151,5 +151,14 @@ def load_relation(path: str | Path, model=None, **bases) -> Relation:
         k[len(_MAP_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_MAP_PREFIX)
     }
     vectors = {k: v for k, v in tensors.items() if not k.startswith(_MAP_PREFIX)}
+    if cfg.get("basis") and not bases:
+        from analoglock.bases import load_basis
+
+        if not Path(cfg["basis"]).exists():
+            raise ArtifactError(
+                f"{p} is a map in the code space of the basis at {cfg['basis']}, which no longer "
+                "exists; pass basis_a= (the same basis, loaded with analoglock.bases.load_basis)."
+            )
+        bases = {"basis_a": load_basis(cfg["basis"])}
     mapper = mapper_from_tensors(cfg["kind"], cfg["mapper"], map_tensors, **bases)
     return Relation(cfg, mapper, vectors)

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from analoglock.atomic import write_json
+from analoglock.bases import FeatureBasis, check_basis_matches, load_basis
 from analoglock.export import METRICS_FILE, save_relation
 from analoglock.hooks import validate_hook
 from analoglock.lock import GROUPS, AnalogyLock, LockCallback, combine_groups
@@ -28,6 +29,7 @@ from analoglock.losses import relation_preservation
 from analoglock.maps import build_mapper
 from analoglock.maps.baselines import apply_orthogonal, mean_difference, procrustes
 from analoglock.maps.orthogonal import OrthogonalMap
+from analoglock.maps.sparse import SparseFeatureMap
 from analoglock.metrics import retrieval_topk
 from analoglock.model import model_info
 from analoglock.pairs import PairedActivations, PairedDataModule, paired_activations
@@ -35,11 +37,61 @@ from analoglock.pairs import PairedActivations, PairedDataModule, paired_activat
 log = logging.getLogger(__name__)
 
 
-def make_mapper(kind: str, d_model: int, train: PairedActivations, **kwargs: Any):
-    """Build a mapper; the orthogonal map starts from the closed-form Procrustes solution."""
+def make_mapper(
+    kind: str,
+    d_model: int,
+    train: PairedActivations,
+    basis: FeatureBasis | None = None,
+    **kwargs: Any,
+):
+    """Build a mapper; orthogonal starts from Procrustes, sparse lives in `basis`'s code space."""
+    if kind == "sparse":
+        if basis is None:
+            raise ValueError(
+                "mapper=sparse_matrix learns a feature-to-feature matrix and needs basis=<a basis "
+                "directory from analoglock-fit-basis, fit at this hook on this model>."
+            )
+        return build_mapper(kind, basis_a=basis, **kwargs)
+    if basis is not None:
+        raise ValueError(
+            f"basis= is used only by mapper=sparse_matrix; mapper kind {kind!r} works in the raw "
+            "activation space (drop basis= or use mapper=sparse_matrix)."
+        )
     if kind == "orthogonal":
         return OrthogonalMap.from_procrustes(train.a, train.b)
     return build_mapper(kind, d_model=d_model, **kwargs)
+
+
+def load_lock_basis(basis_dir: str | None, model_sha256: str, hook: str) -> FeatureBasis | None:
+    """The frozen basis a sparse map works in, checked against the run's model and hook."""
+    if not basis_dir:
+        return None
+    check_basis_matches(basis_dir, model_sha256, hook)
+    return load_basis(basis_dir)
+
+
+@torch.no_grad()
+def relation_features(
+    mapper: SparseFeatureMap, a: torch.Tensor, k: int = 10, labels: dict | None = None
+) -> list[dict[str, Any]]:
+    """The features the learned relation moves most: mean code change encode(a) -> encode(a) W + b.
+
+    Weighted by each feature's decoder norm, so the ranking is in activation units.
+    """
+    codes = mapper.basis_a.encode(a)
+    delta = (codes @ mapper.W_feat + mapper.b_feat).mean(0) - codes.mean(0)
+    norms = mapper.basis_b.directions.norm(dim=-1) if hasattr(mapper.basis_b, "directions") else 1
+    score = delta * norms
+    top = score.abs().topk(min(k, len(score))).indices
+    return [
+        {
+            "feature": int(i),
+            "code_change": float(delta[i]),
+            "activation_change": float(score[i]),
+            "label": (labels or {}).get(int(i), {}).get("label"),
+        }
+        for i in top
+    ]
 
 
 def wandb_logger(
@@ -52,6 +104,18 @@ def wandb_logger(
         offline = not (os.environ.get("WANDB_API_KEY") or Path("~/.netrc").expanduser().exists())
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(project=project, save_dir=save_dir, name=name, offline=offline, **kwargs)
+
+
+def _basis_labels(basis_dir: str) -> dict:
+    """Feature labels written beside the basis by analoglock.labels, or {} when there are none."""
+    try:
+        from analoglock.labels import read_labels
+    except ImportError:
+        return {}
+    try:
+        return read_labels(basis_dir)
+    except (FileNotFoundError, ValueError):
+        return {}
 
 
 def heldout_scores(
@@ -85,6 +149,7 @@ def fit(
     logger,
     shuffle_pairs_seed: int | None = None,
     max_epochs: int | None = None,
+    basis: FeatureBasis | None = None,
 ) -> tuple[AnalogyLock, LockCallback, int, int]:
     """Fit one AnalogyLock (the real run when out_dir is given; a control run otherwise).
 
@@ -92,7 +157,9 @@ def fit(
     restored from its last.ckpt rather than trained further.
     """
     train_part = paired.subset("train")
-    mapper = hydra.utils.instantiate(cfg.mapper)(d_model=paired.a.shape[1], train=train_part)
+    mapper = hydra.utils.instantiate(cfg.mapper)(
+        d_model=paired.a.shape[1], train=train_part, basis=basis
+    )
     module = AnalogyLock(
         mapper,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
@@ -155,6 +222,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = hydra.utils.instantiate(cfg.model)
     validate_hook(model, cfg.hook)
     info = model_info(model).to_dict()
+    basis = load_lock_basis(cfg.get("basis"), info["sha256"], cfg.hook)
     paired = paired_activations(
         model, cfg.data.dataset, cfg.hook, tuple(cfg.data.views), progress=True
     )
@@ -167,7 +235,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") else None
     if logger is not None and hasattr(logger, "log_hyperparams"):
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    module, lock_cb, epochs_run, rank = fit(cfg, paired, center, out_dir, logger)
+    module, lock_cb, epochs_run, rank = fit(cfg, paired, center, out_dir, logger, basis=basis)
     if rank != 0:
         return {}  # under DDP, rank 0 alone evaluates and writes the artifacts
 
@@ -194,6 +262,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             None,
             shuffle_pairs_seed=cfg.seed + 1,
             max_epochs=max(1, epochs_run),
+            basis=basis,
         )
         shuffled_locked = any(h["locked"] for h in ctrl_cb.history)
         with torch.no_grad():
@@ -210,6 +279,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "dataset": cfg.data.dataset,
             "views": list(cfg.data.views),
             "run_name": cfg.run_name,
+            # A sparse map is meaningless without its basis: load_relation reloads it from here.
+            "basis": str(Path(cfg.basis).resolve()) if basis is not None else None,
         },
     )
     metrics = {
@@ -247,6 +318,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "model": info,
         "hook": cfg.hook,
     }
+    if isinstance(module.mapper, SparseFeatureMap):
+        labels = _basis_labels(cfg.basis)
+        metrics["relation_features"] = relation_features(module.mapper, train_part.a, labels=labels)
+        if cfg.shuffled_control:
+            # The same readout for the shuffled-pairs map: how big a "top feature" is by chance.
+            metrics["relation_features_shuffled_control"] = relation_features(
+                ctrl.mapper, train_part.a, labels=labels
+            )
     write_json(out_dir / METRICS_FILE, metrics)
     from analoglock.reports.lock import lock_report
 

@@ -145,6 +145,28 @@ def test_cca_recovers_planted_shared_latent():
     assert independent.canonical_correlations[0] < 0.15
 
 
+def test_cca_overfits_in_sample_and_heldout_correlations_tell():
+    from analoglock.bases.cca import variate_correlations
+
+    g = torch.Generator().manual_seed(1)
+    n, d = 60, 40  # few pairs in many dims: in-sample correlations are ~1 even for pure noise
+    noise = CCABasis(3, ridge=0.0).fit_pair(
+        torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    )
+    assert noise.canonical_correlations[0] > 0.95
+    held_a, held_b = torch.randn(200, d, generator=g), torch.randn(200, d, generator=g)
+    assert variate_correlations(noise, held_a, held_b).abs().max() < 0.35
+    # A planted shared latent survives on held-out pairs, and breaks when partners are shuffled.
+    shared = torch.randn(260, 1, generator=g)
+    mix_a, mix_b = torch.randn(1, d, generator=g), torch.randn(1, d, generator=g)
+    x_a = torch.randn(260, d, generator=g) + 3 * shared @ mix_a
+    x_b = torch.randn(260, d, generator=g) + 3 * shared @ mix_b
+    cca = CCABasis(1, ridge=0.1).fit_pair(x_a[:60], x_b[:60])
+    assert variate_correlations(cca, x_a[60:], x_b[60:])[0].abs() > 0.8
+    perm = torch.randperm(200, generator=g)
+    assert variate_correlations(cca, x_a[60:], x_b[60:][perm])[0].abs() < 0.3
+
+
 def test_cca_full_rank_reconstructs_each_domain():
     g = torch.Generator().manual_seed(0)
     x_a, x_b = torch.randn(200, 5, generator=g), torch.randn(200, 5, generator=g)

@@ -172,3 +172,57 @@ def test_ddp_runs_two_gloo_processes(tiny_dir, tmp_path, cache_dir):
         log[-3000:]
     )
     assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+
+
+def _tiny_pca_basis(tiny_model, hook: str, out: Path, n: int = 16) -> Path:
+    """A PCA basis fit on the tiny model's paired story activations, saved with the model's identity."""
+    from analoglock.bases import PCABasis
+    from analoglock.model import model_info
+
+    paired = paired_activations(tiny_model, "fable_work", hook, progress=False)
+    basis = PCABasis(n_components=n, hook=hook).fit(torch.cat([paired.a, paired.b]))
+    basis.save(out, model=model_info(tiny_model).to_dict())
+    return out
+
+
+def test_sparse_matrix_map_in_a_basis(tiny_dir, tiny_model, tmp_path, cache_dir):
+    from analoglock.bases import BasisArtifactError
+    from analoglock.train import relation_features, train
+
+    hook = "blocks.2.hook_resid_post"
+    basis_dir = _tiny_pca_basis(tiny_model, hook, tmp_path / "pca")
+    out = tmp_path / "sparse"
+    cfg = compose_train(
+        tiny_dir, out, "mapper=sparse_matrix", f"basis={basis_dir}", "loss.weights.l1=0.001",
+        "trainer.max_epochs=2",
+    )  # fmt: skip
+    metrics = train(cfg)
+    feats, ctrl = metrics["relation_features"], metrics["relation_features_shuffled_control"]
+    assert len(feats) == 10 and len(ctrl) == 10
+    assert all(0 <= f["feature"] < 16 for f in feats)
+    # The artifact reloads its basis by itself and maps exactly as the trained module did.
+    rel = load_relation(out, tiny_model)
+    assert rel.cfg["basis"] == str(basis_dir.resolve()) and rel.mapper.kind == "sparse"
+    x = torch.randn(5, 64)
+    W, b = rel.mapper.W_feat.detach(), rel.mapper.b_feat.detach()
+    basis = rel.mapper.basis_a
+    want = basis.decode(basis.encode(x) @ W + b) + (x - basis.decode(basis.encode(x)))
+    torch.testing.assert_close(rel.mapper(x).detach(), want)
+    # Readout: with W = I and b = e_3 the relation moves feature 3 only, by exactly 1 code unit.
+    rel.mapper.W_feat.data = torch.eye(16)
+    rel.mapper.b_feat.data = torch.nn.functional.one_hot(torch.tensor(3), 16).float()
+    top = relation_features(rel.mapper, x, k=3)
+    assert top[0]["feature"] == 3 and top[0]["code_change"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(top[1]["code_change"]) < 1e-5
+    # A sparse map without a basis, a basis at another hook, a basis with a raw-space map: refused.
+    with pytest.raises(ValueError, match="needs basis="):
+        train(compose_train(tiny_dir, tmp_path / "nobasis", "mapper=sparse_matrix"))
+    with pytest.raises(BasisArtifactError, match="fit at hook"):
+        train(
+            compose_train(
+                tiny_dir, tmp_path / "wronghook", "mapper=sparse_matrix", f"basis={basis_dir}",
+                "hook=blocks.1.hook_resid_post",
+            )
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="used only by mapper=sparse_matrix"):
+        train(compose_train(tiny_dir, tmp_path / "raw", f"basis={basis_dir}"))

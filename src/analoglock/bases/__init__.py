@@ -20,11 +20,12 @@ from analoglock.bases.cca import CCABasis, CCADomain
 from analoglock.bases.matching import Match, decomposition_matrix, match_features
 from analoglock.bases.nmf import NMFBasis
 from analoglock.bases.pca import PCABasis
+from analoglock.bases.sae import SAEBasis
 from analoglock.bases.svd import SVDBasis
 from analoglock.registry import lookup
 
 BASES: dict[str, type[FeatureBasis]] = {
-    cls.kind: cls for cls in (SVDBasis, PCABasis, NMFBasis, CCABasis)
+    cls.kind: cls for cls in (SVDBasis, PCABasis, NMFBasis, CCABasis, SAEBasis)
 }
 
 
@@ -48,6 +49,26 @@ def load_basis(in_dir: str | Path) -> FeatureBasis:
     return basis_class(cfg["kind"]).load(in_dir)
 
 
+def check_basis_matches(
+    in_dir: str | Path, model_sha256: str | None = None, hook: str | None = None
+) -> dict[str, Any]:
+    """Raise BasisArtifactError if the saved basis was fit on another model or hook; return its cfg."""
+    cfg = read_basis_cfg(in_dir)
+    made = (cfg.get("model") or {}).get("sha256")
+    if model_sha256 is not None and made is not None and made != model_sha256:
+        spec = (cfg.get("model") or {}).get("spec")
+        raise BasisArtifactError(
+            f"The basis in {in_dir} was fit on model {spec!r} (sha {made[:12]}), not on the loaded "
+            f"model (sha {model_sha256[:12]}); fit a basis on this model's activations."
+        )
+    if hook is not None and cfg.get("hook") and cfg["hook"] != hook:
+        raise BasisArtifactError(
+            f"The basis in {in_dir} was fit at hook {cfg['hook']!r}, not {hook!r}; use a basis fit "
+            f"at {hook!r} or set hook={cfg['hook']}."
+        )
+    return cfg
+
+
 __all__ = [
     "BASES",
     "BASIS_FILE",
@@ -59,9 +80,11 @@ __all__ = [
     "Match",
     "NMFBasis",
     "PCABasis",
+    "SAEBasis",
     "SVDBasis",
     "basis_class",
     "build_basis",
+    "check_basis_matches",
     "decomposition_matrix",
     "load_basis",
     "match_features",

@@ -142,6 +142,18 @@ class CCABasis(FeatureBasis):
         return CCADomain(self, domain)
 
 
+@torch.no_grad()
+def variate_correlations(
+    basis: CCABasis, x_a: Annotated[Tensor, "n d_a"], x_b: Annotated[Tensor, "n d_b"]
+) -> Annotated[Tensor, "n_features"]:
+    """Pearson correlation of each canonical pair on given rows (e.g. held-out pairs), unregularised."""
+    if len(x_a) != len(x_b) or len(x_a) < 3:
+        raise ValueError(f"need >= 3 paired rows, got {len(x_a)} and {len(x_b)}")
+    za, zb = basis.encode(x_a, "a").double(), basis.encode(x_b, "b").double()
+    za, zb = za - za.mean(0), zb - zb.mean(0)
+    return ((za * zb).sum(0) / (za.norm(dim=0) * zb.norm(dim=0)).clamp_min(1e-12)).float()
+
+
 class CCADomain:
     """One domain of a fitted CCABasis, with the plain encode(x) / decode(codes) protocol."""
 
