@@ -1,0 +1,192 @@
+"""Benchmark exact vs attribution patching on SmolLM2: layer-6 features -> layer-12 PCA codes.
+
+Prints ONE JSON object: n_upstream, n_downstream, exact_s, attribution_s, speedup, spearman,
+topk_overlap, sign_agreement (attribution vs exact full ablation over all pairs), the same against
+10% partial ablation (the linear regime), the random-direction controls' scale, and the cost of
+the block rerun vs a full forward with a hook (+ stop_at_layer) on the same interventions.
+
+Upstream: a saved basis (--upstream DIR) or, by default, a stand-in fit here on a harvest of
+blocks.6.hook_resid_post (positions=all of fable_work): an SAE when analoglock.bases has one
+(`sae`), else NMF (overcomplete: PCA/SVD cannot exceed d_model = 576 directions). Only features
+active on the prompt set are patched. Downstream: PCA 64 at blocks.12.hook_resid_post.
+Timings are wall clock on a shared machine: the JSON records the load average.
+
+    .venv/bin/python scripts/bench_patch.py [--n-up 1024] [--prompts 8] [--max-length 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+H1, H2 = "blocks.6.hook_resid_post", "blocks.12.hook_resid_post"
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--harvest", default="runs/harvest/fable_work-all-l6l12")
+    p.add_argument(
+        "--upstream", default=None, help="a saved basis dir at blocks.6 (default: fit a stand-in)"
+    )
+    p.add_argument("--upstream-kind", default="auto", choices=["auto", "sae", "nmf"])
+    p.add_argument("--width", type=int, default=2048, help="stand-in basis width")
+    p.add_argument(
+        "--n-up", type=int, default=1024, help="upstream features to patch (most active)"
+    )
+    p.add_argument("--n-down", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--fit-rows", type=int, default=8000)
+    p.add_argument(
+        "--n-partial", type=int, default=256, help="upstream features in the alpha=0.1 check"
+    )
+    p.add_argument(
+        "--compare-full", type=int, default=16, help="features timed through the full-forward path"
+    )
+    p.add_argument("--threads", type=int, default=0)
+    return p.parse_args()
+
+
+def harvest_if_missing(model, out: str):
+    """The layer-6/12 harvest of fable_work (positions=all), made once."""
+    from analoglock.activations import ActivationStore, harvest_to_disk
+    from analoglock.data import load_documents
+
+    if (Path(out) / "meta.json").exists():
+        store = ActivationStore(out)
+        if store.meta.get("complete") and {H1, H2} <= set(store.hooks):
+            return store
+    return harvest_to_disk(model, load_documents("fable_work"), [H1, H2], out, dataset="fable_work")
+
+
+def fit_upstream(kind: str, x: torch.Tensor, width: int):
+    """The stand-in upstream basis (SAE when available, else NMF), fit on layer-6 rows."""
+    from analoglock import bases
+
+    if kind == "auto":
+        try:
+            return fit_upstream("sae" if "sae" in bases.BASES else "nmf", x, width)
+        except Exception as err:  # noqa: BLE001 - the SAE trainer is optional here; say why it fell back
+            logging.warning("SAE stand-in failed (%s); using NMF", err)
+            return fit_upstream("nmf", x, width)
+    if kind == "sae":
+        basis = bases.build_basis("sae", n_components=width, hook=H1, architecture="topk", k=32,
+                                  n_tokens=20 * len(x), batch_size=1024, logger="none", progress=False)  # fmt: skip
+    else:
+        basis = bases.build_basis("nmf", n_components=width, hook=H1, n_iter=100, encode_steps=50)
+    return kind, basis.fit(x)
+
+
+def main() -> None:
+    args = parse()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from analoglock.bases import PCABasis, load_basis
+    from analoglock.data import load_documents
+    from analoglock.model import load_model
+    from analoglock.patching import (
+        Ablate,
+        Segment,
+        agreement,
+        attribution_effects,
+        build_prompts,
+        clean_runs,
+        exact_effects,
+    )
+
+    load0 = os.getloadavg()[0]
+    model = load_model("smollm2")
+    store = harvest_if_missing(model, args.harvest)
+    acts = store.load([H1, H2])
+    rows = torch.randperm(len(acts.doc), generator=torch.Generator().manual_seed(0))[
+        : args.fit_rows
+    ]
+    t0 = time.perf_counter()
+    if args.upstream:
+        kind, U = "saved", load_basis(args.upstream)
+    else:
+        kind, U = fit_upstream(args.upstream_kind, acts.acts[H1][rows].float(), args.width)
+    fit_s = time.perf_counter() - t0
+    V = PCABasis(args.n_down, hook=H2).fit(acts.acts[H2].float())
+    docs = load_documents("fable_work", split="test", side="a", limit=args.prompts)
+    seg = Segment(model, H1, H2)
+    prompts = build_prompts(model, docs, max_length=args.max_length)
+    cleans = clean_runs(seg, prompts, progress=False)
+    with torch.no_grad():
+        codes = torch.cat([U.encode(c.x1)[c.intervene] for c in cleans])
+    active = (codes != 0).any(0)
+    strength = codes.abs().mean(0).masked_fill(~active, -1)
+    n_up = min(args.n_up, int(active.sum()))
+    up = strength.topk(n_up).indices.sort().values
+    kw = dict(upstream_ids=up, control=False, progress=True)
+    ex = exact_effects(seg, cleans, U, V, Ablate(1.0), **kw)
+    at = attribution_effects(seg, cleans, U, V, Ablate(1.0), **kw)
+    sub = up[: args.n_partial]  # the linear-regime check on a subset: it costs as much as exact
+    partial = exact_effects(seg, cleans, U, V, Ablate(0.1), upstream_ids=sub, control=False)
+    ctrl = exact_effects(seg, cleans, U, V, Ablate(1.0), upstream_ids=up[:64], control=True, progress=False)  # fmt: skip
+    # the alternative to the block rerun: a hook adding the delta at h1 in a full forward
+    few = up[: args.compare_full]
+    t1 = time.perf_counter()
+    exact_effects(seg, cleans, U, V, Ablate(1.0), upstream_ids=few, control=False, progress=False)
+    rerun_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        for c in cleans:
+            a = U.encode(c.x1)
+            delta = (-a[:, few] * c.intervene[:, None]).T.unsqueeze(-1) * U.directions[
+                few
+            ].unsqueeze(1)
+            seg.run_full(c.ids, delta)
+    full_s = time.perf_counter() - t2
+    vs_exact = agreement(ex, at, k=200)
+    vs_partial = agreement(partial.effect / 0.1, at.effect[: len(sub)], k=200)
+    vs_exact_sub = agreement(ex.effect[: len(sub)], at.effect[: len(sub)], k=200)
+    out = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "load_average_start": round(load0, 2),
+        "load_average_end": round(os.getloadavg()[0], 2),
+        "upstream_basis": kind,
+        "upstream_width": int(U.n_features),
+        "upstream_fit_s": round(fit_s, 1),
+        "hooks": [H1, H2],
+        "n_prompts": len(prompts),
+        "n_positions": ex.n_positions,
+        "n_upstream": int(len(up)),
+        "n_upstream_active": int(active.sum()),
+        "n_downstream": int(V.n_features),
+        "exact_s": round(ex.seconds, 2),
+        "attribution_s": round(at.seconds, 2),
+        "speedup": round(ex.seconds / at.seconds, 2),
+        "spearman": round(vs_exact["spearman"], 4),
+        "spearman_top200": round(vs_exact["spearman_topk"], 4),
+        "topk_overlap": round(vs_exact["topk_overlap"], 4),
+        "sign_agreement": round(vs_exact["sign_agreement"], 4),
+        "sign_agreement_top200": round(vs_exact["sign_agreement_topk"], 4),
+        "pearson": round(vs_exact["pearson"], 4),
+        "n_upstream_partial_check": len(sub),
+        "spearman_vs_partial_0.1": round(vs_partial["spearman"], 4),
+        "spearman_vs_exact_same_subset": round(vs_exact_sub["spearman"], 4),
+        "pearson_vs_partial_0.1": round(vs_partial["pearson"], 4),
+        "control_mean_abs_over_effect_mean_abs": round(
+            float(ctrl.control.abs().mean() / ctrl.effect.abs().mean()), 4
+        ),  # fmt: skip
+        "rerun_vs_full_forward": {
+            "features": len(few),
+            "rerun_s": round(rerun_s, 2),
+            "full_forward_s": round(full_s, 2),
+            "ratio": round(full_s / rerun_s, 2),
+        },  # fmt: skip
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
