@@ -41,13 +41,13 @@ def fitted(kind: str, k: int = 4, **kw):
 
 
 def test_registry_and_errors(tmp_path):
-    assert set(BASES) == {"svd", "pca", "nmf", "cca"}
-    with pytest.raises(ValueError, match="Valid kinds: svd, pca, nmf, cca"):
+    assert set(BASES) == {"svd", "pca", "nmf", "cca", "sae"}
+    with pytest.raises(ValueError, match="Valid kinds: svd, pca, nmf, cca, sae"):
         build_basis("pcaa", n_components=2)
     with pytest.raises(BasisArtifactError, match="no cfg.json"):
         load_basis(tmp_path)
-    (tmp_path / "cfg.json").write_text('{"kind": "sae"}')
-    with pytest.raises(ValueError, match="Unknown basis kind 'sae'.*Valid kinds"):
+    (tmp_path / "cfg.json").write_text('{"kind": "transcoder"}')
+    with pytest.raises(ValueError, match="Unknown basis kind 'transcoder'.*Valid kinds"):
         load_basis(tmp_path)
     with pytest.raises(RuntimeError, match="not fitted"):
         SVDBasis(2).encode(torch.zeros(D))

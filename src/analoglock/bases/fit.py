@@ -87,6 +87,9 @@ def fit_basis_on_store(
         from analoglock.pairs import pool_pairs
 
         metrics: dict[str, Any] = cca_fit_and_eval(basis, pool_pairs(acts, hook), seed)
+    elif kind == "sae":  # positions let the SAE trainer drop BOS rows; it reports its run
+        basis.fit(x[train_rows], pos=acts.pos[train_rows])
+        metrics = {"sae_training": basis.train_stats}
     else:
         basis.fit(x[train_rows])
         metrics = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from analoglock.cli._conf import CONF_DIR
 
@@ -28,9 +28,10 @@ def main(cfg: DictConfig) -> None:
         cfg.seed,
         model,
         cfg.splice_docs,
+        basis_kwargs=OmegaConf.to_container(cfg.sae, resolve=True) if cfg.basis == "sae" else None,
     )
     print(json.dumps(metrics, indent=2))
-    print(f"wrote {cfg.out_dir}/basis.safetensors, cfg.json, metrics.json")
+    print(f"wrote {cfg.out_dir}/ (cfg.json, weights, metrics.json)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,180 @@
+"""Benchmark every feature basis on one harvest, and our SAE training loop against SAELens's own.
+
+Part 1, quality: svd, pca, nmf, cca (n_features each) and a SAELens SAE (sae_width latents), fit
+on the same harvest by `fit_basis_on_store` (whole documents held out): fit seconds, held-out
+FVU, l0, dead fraction, and with --splice the spliced CE recovered on held-out documents.
+
+Part 2, speed: tokens/s of our path (`train_sae`: Lightning around SAELens's
+`training_forward_pass`) and of SAELens's `SAETrainer.fit()` (the loop that SAELens's own
+`LanguageModelSAETrainingRunner` hands its activations to) on the same training rows, with the
+same architecture, width, k, batch and steps, each timed whole (scale estimate, loop, and ours
+also its Lightning setup and inference export), alternating, median of --repeats.
+The runner itself is not timed: it builds its own model through `sae_lens.load_model`
+(HookedTransformer names from the hub) or takes a HookedRootModule, and reads activations from a
+tokenized HF dataset or its own HF-datasets activation cache of [seq, context, d] blocks, while
+ours are a row store of a TransformerBridge harvest; it would then hand the rows to this same
+`SAETrainer`. Timings on a shared CPU are noisy.
+
+    python scripts/bench_bases.py [runs/harvest/fable_work-all] [--splice] [--sae-tokens 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analoglock.activations import ActivationStore
+from analoglock.bases import load_basis
+from analoglock.bases.fit import fit_basis_on_store, split_documents
+from analoglock.bases.quality import splice_quality
+from analoglock.bases.sae_train import (
+    RowBatches,
+    SAETrainConfig,
+    rows_from_store,
+    train_sae,
+    training_sae_config,
+)
+
+
+def fit_all(args, model) -> dict[str, Any]:
+    """fit_basis_on_store for every kind (fit_s: fit + held-out reconstruction), then spliced CE."""
+    sae_opts = {"k": args.sae_k, "n_tokens": args.sae_tokens, "batch_size": args.sae_batch,
+                "lr": args.sae_lr, "logger": "none", "progress": False}  # fmt: skip
+    store = ActivationStore(args.acts)
+    hook = store.hooks[0]
+    _, held = split_documents(store.meta["n_docs"], 0.2, 0)  # fit_basis_on_store's split (seed 0)
+    held_docs = [d for d, h in zip(store.docs(), held.tolist(), strict=True) if h]
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in ("svd", "pca", "nmf", "cca", "sae"):
+            width = args.sae_width if kind == "sae" else args.n_features
+            t0 = time.perf_counter()
+            m = fit_basis_on_store(args.acts, kind, width, Path(tmp) / kind, splice_docs=0,
+                                   basis_kwargs=sae_opts if kind == "sae" else None)  # fmt: skip
+            row = {"n_features": width, "fit_s": round(time.perf_counter() - t0, 2)}
+            row.update(
+                {k: v for k, v in m.items() if k.startswith("heldout/") and not isinstance(v, list)}
+            )
+            if kind == "sae":
+                row["training"] = m["sae_training"]
+            if model is not None and kind != "cca":  # CCA reconstructs per domain, not one stream
+                basis = load_basis(Path(tmp) / kind)
+                docs = held_docs[: args.splice_docs]
+                row.update(
+                    {
+                        f"heldout/{k}": v
+                        for k, v in splice_quality(model, docs, hook, basis.forward).items()
+                    }
+                )
+            out[kind] = row
+            print(f"[bench] {kind}: {json.dumps(row)}", file=sys.stderr, flush=True)
+    return out
+
+
+def ours(x: torch.Tensor, args, steps: int) -> float:
+    """Seconds for our whole train_sae call (scale estimate, Lightning loop, export)."""
+    cfg = SAETrainConfig(sae={"k": args.sae_k}, n_tokens=steps * args.sae_batch,
+                         batch_size=args.sae_batch, lr=args.sae_lr, logger="none",
+                         progress=False, init_b_dec_to_mean=False)  # fmt: skip
+    t0 = time.perf_counter()
+    train_sae(x, args.sae_width, cfg)
+    return time.perf_counter() - t0
+
+
+def theirs(x: torch.Tensor, args, steps: int) -> float:
+    """Seconds for SAELens's SAETrainer.fit() on the same rows, batches and SAE config."""
+    from sae_lens import SAETrainer
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.registry import get_sae_training_class
+
+    def provider():
+        rows = RowBatches(x, args.sae_batch, seed=0)
+        while True:
+            yield from rows
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    sae_cfg = training_sae_config("topk", x.shape[1], args.sae_width, {"k": args.sae_k}, True)
+    sae = get_sae_training_class("topk")[0](sae_cfg)
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * args.sae_batch,
+        train_batch_size_samples=args.sae_batch,
+        lr=args.sae_lr,
+        lr_end=args.sae_lr / 10,
+        dead_feature_window=200,
+        n_batches_for_norm_estimate=max(1, len(x) // args.sae_batch),
+    )
+    SAETrainer(cfg, sae, provider()).fit()
+    return time.perf_counter() - t0
+
+
+def speed(args) -> dict[str, Any]:
+    """Tokens/s of both loops, alternating runs; ratio of our cost to theirs (median)."""
+    store = ActivationStore(args.acts)
+    hook = store.hooks[0]
+    train_docs, _ = split_documents(store.meta["n_docs"], 0.2, 0)
+    x = rows_from_store(store, hook, exclude_bos=True, doc_mask=train_docs)
+    tokens = args.speed_steps * args.sae_batch
+    t_ours, t_theirs = [], []
+    for r in range(args.repeats):
+        t_theirs.append(theirs(x, args, args.speed_steps))
+        t_ours.append(ours(x, args, args.speed_steps))
+        log = f"[bench] speed repeat {r}: ours {t_ours[-1]:.1f}s, SAETrainer {t_theirs[-1]:.1f}s"
+        print(log, file=sys.stderr, flush=True)
+    mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
+    return {
+        "architecture": "topk", "d_sae": args.sae_width, "k": args.sae_k,
+        "batch_size": args.sae_batch, "steps": args.speed_steps, "rows": len(x),
+        "ours_tokens_per_s": round(tokens / mo, 1), "saelens_trainer_tokens_per_s": round(tokens / mt, 1),
+        "ours_s": [round(t, 2) for t in t_ours], "saelens_trainer_s": [round(t, 2) for t in t_theirs],
+        "cost_ratio_ours_over_saelens": round(mo / mt, 3), "target_ratio": 1.2,
+        "saelens_entry_point": "sae_lens.SAETrainer.fit (what LanguageModelSAETrainingRunner runs)",
+    }  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("acts", nargs="?", default="runs/harvest/fable_work-all")
+    p.add_argument("--n-features", type=int, default=64, help="width of svd/pca/nmf/cca")
+    p.add_argument("--sae-width", type=int, default=4608)
+    p.add_argument("--sae-k", type=int, default=32)
+    p.add_argument("--sae-batch", type=int, default=1024)
+    p.add_argument("--sae-lr", type=float, default=1e-3)
+    p.add_argument("--sae-tokens", type=int, default=100_000, help="token presentations")
+    p.add_argument("--splice", action="store_true", help="load the model: spliced CE recovered")
+    p.add_argument("--splice-docs", type=int, default=16)
+    p.add_argument("--speed-steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--skip-quality", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    model = None
+    if args.splice:
+        from analoglock.model import load_model
+
+        model = load_model(ActivationStore(args.acts).meta["model"]["spec"])
+    result = {
+        "acts": args.acts,
+        "hook": ActivationStore(args.acts).hooks[0],
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "note": "timings on a shared CPU are noisy",
+    }
+    if not args.skip_quality:
+        result["bases"] = fit_all(args, model)
+    result["sae_training_speed"] = speed(args)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
