@@ -1,0 +1,55 @@
+"""Relations between concepts: vector algebra, separability, hierarchy, relations of relations,
+interpolation, singular-direction derivatives, search by shape, anomalies.
+
+Every analysis is a runner `run(cfg_section, ctx: RelationsContext) -> dict` registered in
+`ANALYSES` by name; the CLI (`analoglock-relations analyses=[...]`) calls them in order and writes
+their results to relations.json. Runners are imported on first call, so importing the package
+stays cheap and one analysis's heavy dependencies do not load for another.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from analoglock.relations.context import ConceptActs, RelationsContext
+
+Runner = Callable[[Any, RelationsContext], dict]
+
+# name -> (module under analoglock.relations, runner function)
+_RUNNERS: dict[str, tuple[str, str]] = {
+    "algebra": ("algebra", "run"),
+    "separability": ("separability", "run"),
+    "hierarchy": ("hierarchy", "run"),
+    "recursive": ("recursive", "run"),
+    "interpolate": ("interpolate", "run"),
+    "jacobian": ("jacobian", "run"),
+    "shape": ("shape", "run"),
+    "anomalies": ("anomalies", "run"),
+}
+
+
+def _lazy(module: str, attr: str) -> Runner:
+    """A runner that imports `analoglock.relations.<module>` when first called."""
+
+    def runner(cfg: Any, ctx: RelationsContext) -> dict:
+        return getattr(importlib.import_module(f"analoglock.relations.{module}"), attr)(cfg, ctx)
+
+    runner.__name__ = f"{module}.{attr}"
+    runner.__doc__ = f"Run analoglock.relations.{module}.{attr}(cfg, ctx)."
+    return runner
+
+
+ANALYSES: dict[str, Runner] = {name: _lazy(*where) for name, where in _RUNNERS.items()}
+
+
+def analysis_module(name: str):
+    """The module implementing analysis `name` (its `figures(result)` draws the report)."""
+    from analoglock.registry import lookup
+
+    module, _ = lookup(_RUNNERS, name, "analysis")
+    return importlib.import_module(f"analoglock.relations.{module}")
+
+
+__all__ = ["ANALYSES", "ConceptActs", "RelationsContext", "analysis_module"]
