@@ -29,11 +29,9 @@ from tqdm.auto import tqdm
 
 from analoglock.patching.exact import (
     Effects,
-    check_bases,
     coefficients,
     describe_intervention,
-    feature_ids,
-    prepare_intervention,
+    setup_effects,
 )
 from analoglock.patching.interventions import random_directions
 from analoglock.patching.segment import CleanRun, PatchSetupError, Segment
@@ -72,11 +70,9 @@ def attribution_effects(
 ) -> Effects:
     """A[i, j] (and the control along the same random directions `exact` uses) from gradients."""
     t0 = time.perf_counter()
-    check_bases(segment, upstream, downstream, cleans)
-    intervention = prepare_intervention(intervention, upstream, cleans)
-    up = feature_ids(upstream_ids, upstream.n_features, "upstream")
-    down = feature_ids(downstream_ids, downstream.n_features, "downstream")
-    dirs = upstream.directions.detach().float().to(cleans[0].x1.device)
+    intervention, up, down, dirs = setup_effects(
+        segment, cleans, upstream, downstream, intervention, upstream_ids, downstream_ids
+    )
     d_up = dirs[up]
     r_up = random_directions(dirs, seed)[up] if control else None
     effect = torch.zeros(len(up), len(down), dtype=torch.float64)

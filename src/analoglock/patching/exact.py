@@ -139,6 +139,24 @@ def measured_sum(downstream, x2: Annotated[Tensor, "n pos d2"], measure: Tensor,
     return downstream.encode(x2[:, measure])[..., down].sum(dim=1)
 
 
+def setup_effects(
+    segment: Segment,
+    cleans: Sequence[CleanRun],
+    upstream,
+    downstream,
+    intervention,
+    upstream_ids: Sequence[int] | Tensor | None,
+    downstream_ids: Sequence[int] | Tensor | None,
+) -> tuple[Any, Tensor, Tensor, Tensor]:
+    """Checked inputs shared by exact and attribution: intervention, feature ids, directions."""
+    check_bases(segment, upstream, downstream, cleans)
+    intervention = prepare_intervention(intervention, upstream, cleans)
+    up = feature_ids(upstream_ids, upstream.n_features, "upstream")
+    down = feature_ids(downstream_ids, downstream.n_features, "downstream")
+    dirs = upstream.directions.detach().float().to(cleans[0].x1.device)
+    return intervention, up, down, dirs
+
+
 def _rows_per_batch(n_pos: int, batch_tokens: int, per_unit: int) -> int:
     """Interventions per rerun so each batch holds about batch_tokens tokens."""
     return max(1, batch_tokens // max(1, n_pos * per_unit))
@@ -161,11 +179,9 @@ def exact_effects(
 ) -> Effects:
     """E[i, j] (and the random-direction control) by rerunning the segment once per feature."""
     t0 = time.perf_counter()
-    check_bases(segment, upstream, downstream, cleans)
-    intervention = prepare_intervention(intervention, upstream, cleans)
-    up = feature_ids(upstream_ids, upstream.n_features, "upstream")
-    down = feature_ids(downstream_ids, downstream.n_features, "downstream")
-    dirs = upstream.directions.detach().float().to(cleans[0].x1.device)
+    intervention, up, down, dirs = setup_effects(
+        segment, cleans, upstream, downstream, intervention, upstream_ids, downstream_ids
+    )
     deltas = Deltas(dirs, random_directions(dirs, seed) if control else None)
     effect = torch.zeros(len(up), len(down), dtype=torch.float64)
     ctrl = torch.zeros_like(effect) if control else None
