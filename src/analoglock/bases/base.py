@@ -143,14 +143,20 @@ class FeatureBasis(nn.Module):
         return out
 
     @classmethod
-    def load(cls, in_dir: str | Path) -> FeatureBasis:
-        """Rebuild a saved basis of this class; refuses another kind or a size mismatch."""
+    def read_own_cfg(cls, in_dir: str | Path) -> dict[str, Any]:
+        """The saved cfg.json, refusing a basis of another kind than this class."""
         cfg = read_basis_cfg(in_dir)
         if cfg.get("kind") != cls.kind:
             raise BasisArtifactError(
                 f"{in_dir} holds a {cfg.get('kind')!r} basis, not {cls.kind!r}; "
                 "use analoglock.bases.load_basis to pick the class from cfg.json"
             )
+        return cfg
+
+    @classmethod
+    def load(cls, in_dir: str | Path) -> FeatureBasis:
+        """Rebuild a saved basis of this class; refuses another kind or a size mismatch."""
+        cfg = cls.read_own_cfg(in_dir)
         basis = cls(**cfg["config"], hook=cfg.get("hook", ""))
         path = Path(in_dir) / BASIS_FILE
         if not path.exists():

@@ -30,7 +30,6 @@ from analoglock.bases.base import (
     CFG_FILE,
     BasisArtifactError,
     FeatureBasis,
-    read_basis_cfg,
 )
 from analoglock.bases.sae_train import SAETrainConfig, config_dict, train_sae
 
@@ -188,12 +187,7 @@ class SAEBasis(FeatureBasis):
     @classmethod
     def load(cls, in_dir: str | Path) -> SAEBasis:
         """Rebuild from our cfg.json and SAELens's folder (loaded by SAELens's own loader)."""
-        cfg = read_basis_cfg(in_dir)
-        if cfg.get("kind") != cls.kind:
-            raise BasisArtifactError(
-                f"{in_dir} holds a {cfg.get('kind')!r} basis, not {cls.kind!r}; "
-                "use analoglock.bases.load_basis to pick the class from cfg.json"
-            )
+        cfg = cls.read_own_cfg(in_dir)
         sae_path = Path(in_dir) / cfg.get("sae_dir", SAE_DIR)
         if not (sae_path / CFG_FILE).exists():
             raise BasisArtifactError(f"{in_dir} has our cfg.json but no SAELens folder {sae_path}")

@@ -30,6 +30,7 @@ from analoglock.relations.concepts import (
     empirical_p,
     fit_probe,
     forward_concepts,
+    split_pair_spec,
 )
 from analoglock.relations.context import ConceptActs, RelationsContext
 
@@ -54,14 +55,7 @@ class RelationSpec:
     @classmethod
     def parse(cls, text: str) -> RelationSpec:
         """From `set:a-b` (class names may not contain '-')."""
-        try:
-            name, rel = text.split(":", 1)
-            a, b = rel.split("-", 1)
-        except ValueError as err:
-            raise ValueError(
-                f"Relation {text!r} must look like 'set:a-b', e.g. 'gender:male-female'"
-            ) from err
-        return cls(name.strip(), a.strip(), b.strip())
+        return cls(*split_pair_spec(text, "Relation", "'set:a-b'"))
 
 
 def all_relations(concepts: dict[str, ConceptActs]) -> list[RelationSpec]:

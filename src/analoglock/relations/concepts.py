@@ -602,3 +602,15 @@ def _summary(x: Tensor) -> dict[str, float | int]:
         "q95": float(torch.quantile(x, 0.95)),
         "n": int(x.numel()),
     }
+
+
+def split_pair_spec(text: str, what: str, form: str) -> tuple[str, str, str]:
+    """`set:a-b` -> (set, a, b), stripped; a ValueError naming the expected form otherwise."""
+    try:
+        name, rel = text.split(":", 1)
+        a, b = rel.split("-", 1)
+    except ValueError as err:
+        raise ValueError(
+            f"{what} {text!r} must look like {form}, e.g. 'gender:male-female'"
+        ) from err
+    return name.strip(), a.strip(), b.strip()

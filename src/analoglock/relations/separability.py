@@ -31,6 +31,7 @@ from analoglock.relations.concepts import (
     contrast_rows,
     fit_probe,
     forward_concepts,
+    split_pair_spec,
 )
 from analoglock.relations.context import ConceptActs, RelationsContext
 
@@ -53,15 +54,8 @@ class Contrast:
     @classmethod
     def parse(cls, text: str) -> Contrast:
         """From `set:pos-neg` or `set:pos-rest`."""
-        try:
-            name, rel = text.split(":", 1)
-            pos, neg = rel.split("-", 1)
-        except ValueError as err:
-            raise ValueError(
-                f"Contrast {text!r} must look like 'set:pos-neg' or 'set:pos-rest', e.g. 'gender:male-female'"
-            ) from err
-        neg = neg.strip()
-        return cls(name.strip(), pos.strip(), None if neg == "rest" else neg)
+        name, pos, neg = split_pair_spec(text, "Contrast", "'set:pos-neg' or 'set:pos-rest'")
+        return cls(name, pos, None if neg == "rest" else neg)
 
 
 def default_contrasts(concepts: dict[str, ConceptActs]) -> list[Contrast]:
