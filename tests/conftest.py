@@ -35,3 +35,14 @@ def smollm2():
 
     torch.manual_seed(0)
     return load_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    on a shared 2-core machine, 2 threads under load made a 5-token SmolLM2 forward 40x slower
+    (6 s vs 0.15 s, OpenMP barriers); modules of many small passes use this."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

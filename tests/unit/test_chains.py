@@ -30,13 +30,7 @@ H = "blocks.1.hook_resid_post"
 TEXTS = ["The cat sat on the mat", "A dog ran to the park", "Birds fly over the sea", "Once upon a time"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread on the shared machine (many small passes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny passes: threads only add contention
 
 
 @pytest.fixture(scope="module")

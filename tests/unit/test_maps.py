@@ -82,14 +82,7 @@ def extra_for(kind: str, mapper) -> dict:
     return {"basis_a": mapper.basis_a} if kind == "sparse" else {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run these tiny matmuls single-threaded (restored after the module)."""
-    # At d_model=8 intra-op threads only add sync cost, and they thrash when the CPU is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny passes: threads only add contention
 
 
 @pytest.fixture

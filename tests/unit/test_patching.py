@@ -36,14 +36,7 @@ DOCS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on the shared 2-core machine, 2 threads under load made a 5-token SmolLM2
-    forward 40x slower (6 s vs 0.15 s, OpenMP barriers); these tests run many small passes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fit_pca(runs, attr: str, k: int, hook: str) -> PCABasis:

@@ -20,13 +20,7 @@ D, M, K, N = 48, 24, 3, 6144  # d_model, planted features, active per row, rows
 FAST = dict(batch_size=256, lr=1e-2, progress=False, logger="none", dead_feature_window=50)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny passes: threads only add contention
 
 
 def planted(seed: int = 0, n: int = N) -> tuple[torch.Tensor, torch.Tensor]:
