@@ -130,7 +130,12 @@ class FeatureBasis(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         tensors = {name: getattr(self, name).detach().cpu() for name in self.tensor_names}
         save_tensors(out / BASIS_FILE, tensors, metadata={"kind": self.kind})
-        cfg = {
+        write_json(out / CFG_FILE, self.artifact_cfg(model))
+        return out
+
+    def artifact_cfg(self, model: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+        """The cfg.json every basis writes (kind, version, hook, dims, config, model) plus `extra`."""
+        return {
             "kind": self.kind,
             "version": BASIS_VERSION,
             "hook": self.hook,
@@ -138,9 +143,8 @@ class FeatureBasis(nn.Module):
             "d_model": self.d_model,
             "config": self.config(),
             "model": model,
+            **extra,
         }
-        write_json(out / CFG_FILE, cfg)
-        return out
 
     @classmethod
     def read_own_cfg(cls, in_dir: str | Path) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from torch import Tensor
 from analoglock.activations import ActivationStore
 from analoglock.atomic import write_json
 from analoglock.bases.base import (
-    BASIS_VERSION,
     CFG_FILE,
     BasisArtifactError,
     FeatureBasis,
@@ -168,19 +167,13 @@ class SAEBasis(FeatureBasis):
             shutil.rmtree(old)
         write_json(
             out / CFG_FILE,
-            {
-                "kind": self.kind,
-                "version": BASIS_VERSION,
-                "hook": self.hook,
-                "n_features": self.n_features,
-                "d_model": self.d_model,
-                "config": self.config(),
-                "model": self.model_meta,
-                "sae_dir": SAE_DIR,
-                "sae_architecture": self.sae.cfg.architecture(),
-                "scaling_factor": self.scaling_factor,
-                "training": self.train_stats,
-            },
+            self.artifact_cfg(
+                self.model_meta,
+                sae_dir=SAE_DIR,
+                sae_architecture=self.sae.cfg.architecture(),
+                scaling_factor=self.scaling_factor,
+                training=self.train_stats,
+            ),
         )
         return out
 
