@@ -80,6 +80,27 @@ def check_specs(concepts: dict[str, ConceptActs], specs: Sequence[RelationSpec])
             raise ValueError(f"Relation {s.label}: classes must be two of {', '.join(cls)}")
 
 
+def relation_draws(
+    concepts: dict[str, ConceptActs],
+    hook: str,
+    specs: Sequence[RelationSpec],
+    n_null: int,
+    seed: int,
+) -> tuple[dict, dict, torch.Generator, Tensor, Tensor, Tensor]:
+    """Checked specs -> (items, classes, generator, observed relations, shuffled-label null, all rows).
+
+    The generator is returned mid-stream so later draws (random directions) follow the null's.
+    """
+    check_specs(concepts, specs)
+    items = {n: ca.items_tensor(hook).double() for n, ca in concepts.items()}
+    classes = {n: ca.classes for n, ca in concepts.items()}
+    gen = torch.Generator().manual_seed(seed)
+    obs = relation_matrix(items, classes, specs)
+    null = null_relations(items, classes, specs, n_null, gen)
+    rows = torch.cat([ca.stacked(hook)[0] for ca in concepts.values()])
+    return items, classes, gen, obs, null, rows
+
+
 def relation_matrix(
     items: dict[str, Annotated[Tensor, "n k d"]],
     classes: dict[str, tuple[str, ...]],
@@ -282,14 +303,8 @@ def relation_algebra(
 ) -> dict[str, Any]:
     """Relation vectors of every class pair (or `specs`), cosines with p-values and norms with nulls."""
     specs = list(specs or all_relations(concepts))
-    check_specs(concepts, specs)
-    items = {n: ca.items_tensor(hook).double() for n, ca in concepts.items()}
-    classes = {n: ca.classes for n, ca in concepts.items()}
-    gen = torch.Generator().manual_seed(seed)
-    obs = relation_matrix(items, classes, specs)
-    null = null_relations(items, classes, specs, n_null, gen)
+    items, classes, gen, obs, null, rows = relation_draws(concepts, hook, specs, n_null, seed)
     labels = [s.label for s in specs]
-    rows = torch.cat([ca.stacked(hook)[0] for ca in concepts.values()])
     return {
         "hook": hook,
         "relations": labels,

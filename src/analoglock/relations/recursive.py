@@ -32,9 +32,9 @@ from torch import Tensor
 from analoglock.relations.algebra import (
     RelationSpec,
     all_relations,
-    check_specs,
     cosine_matrix,
     null_relations,
+    relation_draws,
     relation_matrix,
     space_abs_cosines,
 )
@@ -244,13 +244,7 @@ def compare_relations(
     if not comparisons:
         return []
     specs = list(dict.fromkeys(s for pair in comparisons for s in pair))
-    check_specs(concepts, specs)
-    items = {n: ca.items_tensor(hook).double() for n, ca in concepts.items()}
-    classes = {n: ca.classes for n, ca in concepts.items()}
-    gen = torch.Generator().manual_seed(seed)
-    obs = relation_matrix(items, classes, specs)
-    null = null_relations(items, classes, specs, n_null, gen)
-    rows = torch.cat([ca.stacked(hook)[0] for ca in concepts.values()])
+    _, _, gen, obs, null, rows = relation_draws(concepts, hook, specs, n_null, seed)
     rnd_cos = (
         space_abs_cosines(rows, n_random, gen)
         * torch.where(torch.rand(n_random, generator=gen) < 0.5, -1.0, 1.0).double()
