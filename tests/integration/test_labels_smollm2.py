@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from analoglock.activations import harvest
 from analoglock.bases import PCABasis
+from analoglock.bases.labels import MAX_LABEL_CHARS, MAX_LABEL_WORDS, label_features
 from analoglock.data import load_documents
-from analoglock.labels import MAX_LABEL_CHARS, MAX_LABEL_WORDS, label_features
 
 HOOK = "blocks.15.hook_resid_post"
 

@@ -12,7 +12,7 @@ from analoglock.cli._conf import CONF_DIR
 
 @pytest.fixture(scope="module")
 def lock_metrics(tmp_path_factory):
-    from analoglock.train import train
+    from analoglock.lock.train import train
 
     out = tmp_path_factory.mktemp("lock")
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):

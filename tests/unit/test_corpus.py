@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from analoglock.data import corpus as corpus_mod
-from analoglock.data.corpus import (
+from analoglock import corpus as corpus_mod
+from analoglock.corpus import (
     batch_requests,
     corpus_stats,
     default_corpus_path,

@@ -3,7 +3,7 @@
 A basis is fit once on activations at one hook, then frozen: `encode` turns activations
 [..., d_model] into codes [..., n_features], `decode` turns codes back, and `directions` are the
 decoder directions [n_features, d_model] that `matching` compares across bases. It satisfies
-`analoglock.maps.sparse.FeatureBasisLike`, so any basis can sit under a `SparseFeatureMap`.
+`analoglock.lock.maps.sparse.FeatureBasisLike`, so any basis can sit under a `SparseFeatureMap`.
 Owns the artifact format (`basis.safetensors` + `cfg.json`, atomic writes) and the quality
 numbers; knows nothing of models, harvesting or which variant it is beyond `kind`.
 """
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from analoglock.atomic import save_tensors, write_json
-from analoglock.metrics import FractionVarianceUnexplained
+from analoglock.bases.quality import FractionVarianceUnexplained
 
 BASIS_FILE = "basis.safetensors"
 CFG_FILE = "cfg.json"

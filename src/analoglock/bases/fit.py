@@ -36,7 +36,7 @@ def cca_fit_and_eval(basis, paired, seed: int = 0, top: int = 10) -> dict[str, A
     the data: only held-out correlations, next to those of deranged partners, say anything.
     """
     from analoglock.bases.cca import variate_correlations
-    from analoglock.metrics import shuffled_pairs
+    from analoglock.stats import derange
 
     held_rows = [s == "test" for s in paired.split]
     if all(held_rows) or not any(
@@ -51,7 +51,7 @@ def cca_fit_and_eval(basis, paired, seed: int = 0, top: int = 10) -> dict[str, A
     basis.fit_pair(paired.a[fit_idx], paired.b[fit_idx])
     test_a, test_b = paired.a[held_idx], paired.b[held_idx]
     held = variate_correlations(basis, test_a, test_b)
-    perm = shuffled_pairs(len(held_idx), torch.Generator().manual_seed(seed))
+    perm = derange(len(held_idx), torch.Generator().manual_seed(seed))
     control = variate_correlations(basis, test_a, test_b[perm])
     return {
         "canonical_correlations_in_sample": basis.canonical_correlations.tolist()[:top],
@@ -84,7 +84,7 @@ def fit_basis_on_store(
     train_rows, held_rows = train_docs[acts.doc], held_docs[acts.doc]
     basis = build_basis(kind, n_components=n_features, hook=hook, **(basis_kwargs or {}))
     if kind == "cca":
-        from analoglock.pairs import pool_pairs
+        from analoglock.paired import pool_pairs
 
         metrics: dict[str, Any] = cca_fit_and_eval(basis, pool_pairs(acts, hook), seed)
     elif kind == "sae":  # positions let the SAE trainer drop BOS rows; it reports its run

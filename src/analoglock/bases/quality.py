@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import Tensor
+from torchmetrics import Metric
 
 from analoglock.activations import plan_batches, tokenize_documents
 from analoglock.data.documents import Document
 from analoglock.hooks import validate_hook
+from analoglock.stats import EPS, as_rows, centred_sum_sq
 from analoglock.tokens import pad_ids
 
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
@@ -73,3 +76,41 @@ def splice_quality(
         "ce_increase": spliced - clean,
         "ce_recovered": (zero - spliced) / denom if abs(denom) > 1e-12 else float("nan"),
     }
+
+
+class FractionVarianceUnexplained(Metric):
+    """FVU of a reconstruction: sum ||x - x_hat||^2 / sum ||x - mean x||^2 over the whole set.
+
+    0 is perfect, 1 is as good as predicting the set's mean. States are float64 running sums
+    (the mean is the whole set's, not each batch's); `sum_x` starts as a scalar 0 that
+    broadcasts to (d,), as in `EquivarianceError`.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    n: Tensor
+    sum_sq_err: Tensor
+    sum_x: Tensor
+    sum_sq_x: Tensor
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("n", "sum_sq_err", "sum_x", "sum_sq_x"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        """Add a batch of (..., d) targets and their reconstructions."""
+        if x.shape != x_hat.shape:
+            raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(x_hat.shape)}")
+        x, x_hat = as_rows(x), as_rows(x_hat)
+        self.n = self.n + len(x)
+        self.sum_sq_err = self.sum_sq_err + (x - x_hat).pow(2).sum()
+        self.sum_x = self.sum_x + x.sum(dim=0)  # out of place: the scalar 0 broadcasts to (d,)
+        self.sum_sq_x = self.sum_sq_x + x.pow(2).sum()
+
+    def compute(self) -> Tensor:
+        """FVU over every row seen."""
+        if self.n < 1:
+            raise RuntimeError("FractionVarianceUnexplained.compute() before any update()")
+        return self.sum_sq_err / centred_sum_sq(self.sum_x, self.sum_sq_x, self.n).clamp_min(EPS)

@@ -390,7 +390,7 @@ def make_logger(cfg: SAETrainConfig, run_name: str):
     if cfg.ckpt_dir is None or cfg.logger == "none":
         return False
     if cfg.logger == "wandb":
-        from analoglock.train import wandb_logger
+        from analoglock.tracking import wandb_logger
 
         return wandb_logger("analoglock-sae", cfg.ckpt_dir, run_name)
     from lightning.pytorch.loggers import CSVLogger

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from analoglock.cli._conf import CONF_DIR
-from analoglock.data.corpus import corpus_stats, default_corpus_path, generate_corpus
+from analoglock.corpus import corpus_stats, default_corpus_path, generate_corpus
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,11 @@ def main(cfg: DictConfig) -> None:
 
     if cfg.label:
         try:
-            from analoglock.labels import label_features, write_labels
+            from analoglock.bases.labels import label_features, write_labels
         except ImportError as e:
-            raise SystemExit(f"label=true needs analoglock.labels, which is missing: {e}") from e
+            raise SystemExit(
+                f"label=true needs analoglock.bases.labels, which is missing: {e}"
+            ) from e
         features = feature_order(codes)[: cfg.n_features]
         t = time.perf_counter()
         labels = label_features(

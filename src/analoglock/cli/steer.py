@@ -180,9 +180,9 @@ def steering_hooks(learned_hook: str, layers) -> list[str]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Everything `main` does, returning the report (tests call this with a composed config)."""
     from analoglock.atomic import write_json
-    from analoglock.export import load_relation
+    from analoglock.lock.export import load_relation
+    from analoglock.lock.steering import evaluate_steering, plot_steering
     from analoglock.model import model_info
-    from analoglock.steering import evaluate_steering, plot_steering
 
     user_prompts = read_prompts(cfg.prompts)  # fail on a bad path before loading anything
     scales = parse_scales(cfg.scale)

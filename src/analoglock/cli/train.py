@@ -13,7 +13,7 @@ from analoglock.cli._conf import CONF_DIR
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """Train, then print the headline metrics (returns held-out top-1 for sweeps)."""
-    from analoglock.train import train
+    from analoglock.lock.train import train
 
     metrics = train(cfg)
     if not metrics:  # a non-zero DDP rank

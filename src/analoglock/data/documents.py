@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 
+class DatasetFormatError(ValueError):
+    """A dataset line that does not follow FORMAT.md."""
+
+
 @dataclass(frozen=True)
 class Span:
     """A labelled character range [start, end) of a document's text."""
@@ -45,8 +49,6 @@ class Document:
 
 def read_text_documents(path: str | Path) -> list[Document]:
     """Documents from a user file: `.jsonl` lines with a "text" field, or a `.txt` of blank-line-separated texts."""
-    from analoglock.data.loaders import DatasetFormatError
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Text file {path} does not exist.")

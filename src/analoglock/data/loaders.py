@@ -14,16 +14,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from analoglock.data.documents import Document, Span, read_text_documents
+from analoglock.data.documents import DatasetFormatError, Document, Span, read_text_documents
 
 DATA_DIR = Path(__file__).parent
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation", "test")
 KINDS = ("pairs", "concepts")
-
-
-class DatasetFormatError(ValueError):
-    """A dataset line that does not follow FORMAT.md."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Owns, for one basis U at hook h:
 
 - feature -> token edges: the direct logit effect of each direction, d_i @ (g * W_U) (g the final
-  norm's gain, `reports.dashboard.unembedding`), beside random directions of equal norm; and the
+  norm's gain, `analoglock.unembed.unembedding`), beside random directions of equal norm; and the
   same tokens measured by ablation (`exact_effects` with a `TokenLogits` readout: promotion =
   minus the logit change when a_i d_i is removed), beside the engine's random-direction control;
 - token -> feature edges: z[t, i] = (mean code of feature i at the position of token t appended
@@ -29,7 +29,7 @@ from analoglock.patching.exact import exact_effects
 from analoglock.patching.interventions import Ablate, random_directions
 from analoglock.patching.readouts import TokenLogits
 from analoglock.patching.segment import Segment
-from analoglock.reports.dashboard import unembedding
+from analoglock.unembed import unembedding
 
 log = logging.getLogger(__name__)
 

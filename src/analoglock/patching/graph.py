@@ -64,11 +64,11 @@ def promoted_tokens(
 
 
 def read_labels_or_none(basis_dir: str | Path | None) -> dict[int, dict] | None:
-    """labels.json of a basis directory when there is one (analoglock.labels), else None."""
+    """labels.json of a basis directory when there is one (analoglock.bases.labels), else None."""
     if basis_dir is None:
         return None
     try:
-        from analoglock.labels import read_labels
+        from analoglock.bases.labels import read_labels
     except ImportError:
         return None
     try:

@@ -3,9 +3,9 @@
 Owns the page: an index of every feature (sorted by activation frequency) and, for the most
 frequent N features, collapsible sections with top-activating contexts (activating token in
 <mark>), an activation histogram and the logit lens of the feature's direction beside an
-equal-norm random-direction control. Also owns the logit-lens math used there (`unembedding`,
+equal-norm random-direction control. Also owns the logit-lens tables drawn there (from `analoglock.unembed`,
 `lens_extremes`) and the compatibility check between a basis, a harvest and a model.
-Knows nothing of how bases are fit or labels are made (it reads `analoglock.labels` if present).
+Knows nothing of how bases are fit or labels are made (it reads `analoglock.bases.labels` if present).
 
 Logit lens choice: a direction's promoted tokens are `(direction * g) @ W_U`, where `g` is the
 final norm's elementwise gain (for LayerNorm the direction is centred first, which is also linear).
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from analoglock.atomic import write_text
 from analoglock.bases.base import ACTIVE_EPS
 from analoglock.bases.contexts import Context, feature_codes, feature_frequency, top_contexts
+from analoglock.unembed import unembedding
 
 log = logging.getLogger(__name__)
 
@@ -78,27 +79,6 @@ def check_compatible(
 
 
 # --- logit lens ---------------------------------------------------------------------------------
-
-
-def final_norm_gain(model) -> Tensor | None:
-    """The final norm's elementwise weight [d_model], or None when the model has none."""
-    ln = getattr(model, "ln_final", None)
-    if ln is None:
-        return None
-    for name, p in ln.named_parameters():
-        if name.split(".")[-1] == "weight":
-            return p.detach().float()
-    return None
-
-
-@torch.no_grad()
-def unembedding(model, final_norm: bool = True) -> Annotated[Tensor, "d_model d_vocab"]:
-    """The map from a residual direction to logits: W_U, with the final norm's gain folded in."""
-    w_u = model.W_U.detach().float()
-    if not final_norm:
-        return w_u
-    gain = final_norm_gain(model)
-    return w_u if gain is None else gain[:, None] * w_u
 
 
 def _centre_if_layernorm(model, directions: Tensor) -> Tensor:
@@ -200,9 +180,9 @@ def activation_histogram(values: Tensor, bins: int = 40) -> tuple[list[float], l
 
 
 def load_labels(basis_dir: str | Path, model=None) -> dict[int, dict] | None:
-    """Labels from `analoglock.labels.read_labels`, or None if absent or stale (then a warning)."""
+    """Labels from `analoglock.bases.labels.read_labels`, or None if absent or stale (then a warning)."""
     try:
-        from analoglock.labels import read_labels
+        from analoglock.bases.labels import read_labels
     except ImportError:
         return None
     try:
@@ -365,7 +345,7 @@ def write_dashboard(
     """Write the dashboard; `out_dir` is a directory (gets dashboard.html) or an .html path.
 
     `model` must be the model the harvest came from (its tokenizer re-tokenizes the documents and
-    its unembedding gives the logit lens); `labels` is `analoglock.labels.read_labels` output.
+    its unembedding gives the logit lens); `labels` is `analoglock.bases.labels.read_labels` output.
     """
     if k < 1 or n_features < 0:
         raise ValueError(f"k must be >= 1 and n_features >= 0, got k={k}, n_features={n_features}")

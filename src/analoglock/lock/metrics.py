@@ -1,0 +1,247 @@
+"""Lock metrics: torchmetrics objects that accumulate over batches, and the lock decision.
+
+Owns partner retrieval, equivariance (relation preservation over the whole held-out set),
+drift of the map's parameters between epochs, fraction of variance unexplained, the
+`LockCriterion` that turns those into "the map has locked", and the shuffled-pairs control.
+Every metric state has a `dist_reduce_fx`, so values are the same under DDP as on one device.
+Knows nothing of maps, models or how activations were harvested; the loss math it shares
+lives in `analoglock.lock.losses`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from analoglock.lock.losses import check_paired
+from analoglock.stats import EPS, as_rows, centred_sum_sq
+
+logger = logging.getLogger(__name__)
+
+
+def retrieval_topk(
+    mapped_a: Tensor, b: Tensor, ks: Sequence[int] = (1, 5), chunk_size: int = 4096
+) -> dict[str, Tensor]:
+    """Fraction of rows whose partner b_i is among the top k of all b rows by cosine to M(a_i).
+
+    Returns {"top1": ..., "top5": ...} for ks=(1, 5). Ties are broken at random in expectation
+    (a row whose partner ties with t others at rank r counts (k - r) / (t + 1), clipped to
+    [0, 1]): a collapsed map that sends everything to one point scores chance, k / n, rather
+    than 1. Rows are scored `chunk_size` at a time so memory stays O(chunk_size * n).
+    """
+    check_paired(mapped_a, b)
+    if not ks or any(int(k) < 1 for k in ks):
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    n = len(b)
+    a_unit = F.normalize(mapped_a.detach().float(), dim=-1)
+    b_unit = F.normalize(b.detach().float(), dim=-1)
+    hits = {int(k): torch.zeros((), dtype=torch.float64, device=b.device) for k in ks}
+    for start in range(0, n, chunk_size):
+        sims = a_unit[start : start + chunk_size] @ b_unit.T  # (chunk, n): candidates = all b
+        rows = torch.arange(len(sims), device=b.device)
+        own = sims[rows, rows + start].unsqueeze(1)  # each row's similarity to its true partner
+        better = (sims > own).sum(dim=1)
+        ties = (sims == own).sum(dim=1) - 1  # other candidates scoring exactly like the partner
+        for k in hits:
+            hits[k] += ((k - better) / (ties + 1)).clamp(0, 1).sum()
+    return {f"top{k}": hit / n for k, hit in hits.items()}
+
+
+class PartnerRetrieval(Metric):
+    """Top-k partner retrieval over a whole held-out set, row i of A paired with row i of B.
+
+    The candidates for each row are all B rows of the set, not only the batch, so rows are kept
+    (cat states) and scored in `compute`. `compute` returns {"top1": ..., "top5": ...}; log it
+    with `log_dict`; the value `forward` returns per batch ranks within that batch only. Under
+    DDP, avoid a sampler that pads with repeated rows: a repeated partner is a tie and halves
+    that row's top-1.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+    mapped_a: list[Tensor]
+    b: list[Tensor]
+
+    def __init__(self, k: Sequence[int] = (1, 5), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.k = tuple(int(x) for x in k)
+        self.add_state("mapped_a", default=[], dist_reduce_fx="cat")
+        self.add_state("b", default=[], dist_reduce_fx="cat")
+
+    def update(self, mapped_a: Tensor, b: Tensor) -> None:
+        """Keep a batch of paired rows."""
+        check_paired(mapped_a, b)
+        self.mapped_a.append(mapped_a.detach())
+        self.b.append(b.detach())
+
+    def compute(self) -> dict[str, Tensor]:
+        """Top-k retrieval over every row seen."""
+        # After a DDP sync the list state arrives already concatenated into one tensor.
+        empty = len(self.b) == 0 if isinstance(self.b, list) else self.b.numel() == 0
+        if empty:
+            raise RuntimeError("PartnerRetrieval.compute() before any update()")
+        return retrieval_topk(dim_zero_cat(self.mapped_a), dim_zero_cat(self.b), self.k)
+
+
+class EquivarianceError(Metric):
+    """`losses.relation_preservation` over all pairs of the whole set, accumulated by batches.
+
+    The all-pairs value only needs sums (see `relation_preservation`), so states are float64
+    running sums, not rows: exact, O(d) memory, and summed across DDP ranks. Vector sums start
+    as a scalar 0 that broadcasts to (d,) on the first update, so d need not be given; under
+    DDP every rank must see at least one batch.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    n: Tensor
+    sum_u: Tensor
+    sum_sq_u: Tensor
+    sum_b: Tensor
+    sum_sq_b: Tensor
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("n", "sum_u", "sum_sq_u", "sum_b", "sum_sq_b"):
+            self.add_state(name, default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, mapped_a: Tensor, b: Tensor) -> None:
+        """Add a batch of paired rows to the running sums."""
+        check_paired(mapped_a, b)
+        b_rows = as_rows(b)
+        u = as_rows(mapped_a) - b_rows  # pair (i, j)'s relation error is u_i - u_j
+        self.n = self.n + len(b_rows)
+        self.sum_u = self.sum_u + u.sum(dim=0)  # out of place: the scalar 0 broadcasts to (d,)
+        self.sum_sq_u = self.sum_sq_u + u.pow(2).sum()
+        self.sum_b = self.sum_b + b_rows.sum(dim=0)
+        self.sum_sq_b = self.sum_sq_b + b_rows.pow(2).sum()
+
+    def compute(self) -> Tensor:
+        """Relation error over all pairs seen, normalised by the spread of B's relations."""
+        if self.n < 2:
+            raise RuntimeError("EquivarianceError needs at least 2 rows before compute()")
+        err = centred_sum_sq(self.sum_u, self.sum_sq_u, self.n)
+        scale = centred_sum_sq(self.sum_b, self.sum_sq_b, self.n)
+        return err / scale.clamp_min(EPS)
+
+
+class MapDrift(Metric):
+    """Relative change of the map's parameters since the previous update: ||p_t - p_{t-1}|| / ||p_{t-1}||.
+
+    Call `update(torch.nn.utils.parameters_to_vector(map.parameters()))` once per epoch, then
+    `compute()`; the first value is inf (nothing to compare with). Holds the last two vectors,
+    so never let it be reset between epochs (log the computed value, not the object) and do
+    not call it as a function (`forward` scores a lone update, which is always inf). States are
+    not checkpointed: after a resume the first value is inf again, which `LockCriterion` treats
+    as failing, so patience restarts.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = True
+    previous: Tensor
+    current: Tensor
+
+    def __init__(self, eps: float = EPS, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.eps = eps
+        # Under DDP the parameters are identical on every rank, so "mean" leaves them unchanged.
+        for name in ("previous", "current"):
+            self.add_state(name, default=torch.zeros(0, dtype=torch.float64), dist_reduce_fx="mean")
+
+    def update(self, params: Tensor) -> None:
+        """Record this epoch's parameter vector (any shape; it is flattened)."""
+        flat = params.detach().reshape(-1).to(torch.float64).clone()
+        if self.current.numel() and flat.numel() != self.current.numel():
+            raise ValueError(
+                f"parameter count changed from {self.current.numel()} to {flat.numel()}; "
+                "use one MapDrift per map"
+            )
+        self.previous, self.current = self.current, flat
+
+    def compute(self) -> Tensor:
+        """Relative change between the last two updates; inf before there are two."""
+        if self.previous.numel() == 0:
+            return torch.tensor(math.inf, dtype=torch.float64, device=self.current.device)
+        return (self.current - self.previous).norm() / (self.previous.norm() + self.eps)
+
+
+@dataclass
+class LockCriterion:
+    """Decides when the map has locked: all three conditions hold for `patience` epochs in a row.
+
+    Why these three: `top1` (partner retrieval) says M sends each A story to its own B analogue,
+    item by item; `equivariance` (relation preservation) says M also carries the relations
+    between stories across, which retrieval alone does not (a map can find nearest neighbours
+    while scrambling the geometry around them); `drift` says optimisation has stopped moving M,
+    so the first two describe a fixed map rather than one passing through a good region.
+    `patience` guards against one lucky epoch. Calibrate `min_top1` against chance (k / n) and
+    against the same map trained on deranged pairs (`analoglock.stats.derange`), which must never lock.
+
+    `update` is called once per epoch and returns whether the map is locked now. `lock_epoch`
+    is the epoch (0-based count of updates) on which the current lock was declared, or None;
+    a failing epoch ends the streak and the lock.
+    """
+
+    min_top1: float = 0.9
+    max_equivariance: float = 0.3
+    max_drift: float = 1e-3
+    patience: int = 3
+    epoch: int = field(default=-1, init=False)  # index of the last update; -1 before any
+    streak: int = field(default=0, init=False)  # consecutive passing epochs, ending at `epoch`
+    lock_epoch: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1 epoch, got {self.patience}")
+        if not 0 <= self.min_top1 <= 1:
+            raise ValueError(f"min_top1 is a fraction in [0, 1], got {self.min_top1}")
+        if self.max_equivariance < 0 or self.max_drift < 0:
+            raise ValueError("max_equivariance and max_drift must be >= 0")
+
+    @property
+    def locked(self) -> bool:
+        """Whether the map is locked as of the last update."""
+        return self.lock_epoch is not None
+
+    def passes(
+        self, top1: float | Tensor, equivariance: float | Tensor, drift: float | Tensor
+    ) -> bool:
+        """Whether one epoch's values meet every threshold (NaN and inf drift fail)."""
+        return (
+            float(top1) >= self.min_top1
+            and float(equivariance) <= self.max_equivariance
+            and float(drift) <= self.max_drift
+        )
+
+    def update(
+        self, top1: float | Tensor, equivariance: float | Tensor, drift: float | Tensor
+    ) -> bool:
+        """Record one epoch's values; return whether the map is locked now."""
+        self.epoch += 1
+        if self.passes(top1, equivariance, drift):
+            self.streak += 1
+            if self.streak >= self.patience and self.lock_epoch is None:
+                self.lock_epoch = self.epoch
+                logger.info("map locked at epoch %d (%d passing epochs)", self.epoch, self.streak)
+        else:
+            if self.lock_epoch is not None:
+                logger.warning(
+                    "map lost its lock at epoch %d (locked at %d)", self.epoch, self.lock_epoch
+                )
+            self.streak, self.lock_epoch = 0, None
+        return self.locked
+
+    def reset(self) -> None:
+        """Forget every epoch seen (e.g. before a new run)."""
+        self.epoch, self.streak, self.lock_epoch = -1, 0, None

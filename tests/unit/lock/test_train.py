@@ -1,0 +1,229 @@
+"""The lock trainer on the tiny random Llama: config composition, artifacts, resume, controls, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from analoglock.cli._conf import CONF_DIR
+from analoglock.lock.data import PairedDataModule
+from analoglock.lock.export import ArtifactError, load_relation, read_relation_cfg
+from analoglock.lock.maps import build_mapper
+from analoglock.lock.module import AnalogyLock, LockCallback
+from analoglock.paired import PairedActivations, paired_activations, pool_pairs
+
+REPO = Path(__file__).resolve().parents[3]
+REQUIRED = (
+    "locked", "lock_epoch", "heldout_top1", "heldout_top5", "equivariance_error", "shuffled_control_top1",
+    "meandiff_top1", "procrustes_top1", "identity_top1",
+)  # fmt: skip
+
+
+def compose_train(tiny_dir: str, out_dir: Path, *extra: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(
+            "train",
+            overrides=[
+                "model=hf", f"model.spec={tiny_dir}", "hook=blocks.2.hook_resid_post", "logger=csv",
+                f"out_dir={out_dir}", "trainer.max_epochs=3", "trainer.enable_progress_bar=false", *extra,
+            ],
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """Keep harvest caches of these tests out of the user's cache."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("ANALOGLOCK_CACHE")
+    os.environ["ANALOGLOCK_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ANALOGLOCK_CACHE")
+    else:
+        os.environ["ANALOGLOCK_CACHE"] = old
+
+
+def test_pool_pairs_are_aligned(tiny_model, cache_dir):
+    paired = paired_activations(
+        tiny_model, "fable_work", "blocks.1.hook_resid_post", progress=False
+    )
+    story = paired.subset(view="story")
+    assert len(story) == 150 and {"train", "validation", "test"} == set(paired.split)
+    assert all(v == "story" or v.startswith("role") for v in paired.view)
+    from analoglock.activations import ActivationStore
+
+    store = ActivationStore(next((cache_dir / "harvests").iterdir()))
+    acts = store.load()
+    # The story vector of pair 0 is the mean of that story's token rows.
+    rows = torch.tensor([acts.docs[d].id == "fable_work/000:a" for d in acts.doc.tolist()])
+    torch.testing.assert_close(story.a[0], acts.acts["blocks.1.hook_resid_post"][rows].mean(0))
+    again = pool_pairs(acts, "blocks.1.hook_resid_post", ("story",))
+    torch.testing.assert_close(again.b, story.b)
+
+
+def test_one_sided_data_is_refused():
+    x = torch.randn(6, 8)
+    one = PairedActivations(x, x, [f"p{i}" for i in range(6)], ["story"] * 6, ["train"] * 6)
+    with pytest.raises(ValueError, match="validation"):
+        PairedDataModule(one)
+
+
+def test_nan_activations_are_named():
+    from analoglock.paired import check_finite
+
+    x = torch.randn(4, 3)
+    x[2, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"rows \[2\]"):
+        check_finite(x, "batch 7")
+
+
+def test_untrained_translation_scores_like_identity():
+    torch.manual_seed(0)
+    a, b = torch.randn(20, 16), torch.randn(20, 16)
+    module = AnalogyLock(build_mapper("translation", d_model=16), torch.optim.Adam, {"match": 1.0})
+    torch.testing.assert_close(module(a), a)
+    terms = module.loss_terms(a, b)
+    assert set(terms) == {"match"}
+    with pytest.raises(ValueError, match="valid"):
+        AnalogyLock(
+            build_mapper("translation", d_model=16), torch.optim.Adam, {"nuclear": 1.0}
+        ).loss_terms(a, b)
+
+
+def test_lock_callback_state_round_trips():
+    cb = LockCallback(min_top1=0.5, max_equivariance=2.0, max_drift=0.1, patience=2, view="story")
+    cb.criterion.update(0.9, 1.0, 0.01)
+    cb.history.append({"epoch": 0})
+    other = LockCallback(
+        min_top1=0.5, max_equivariance=2.0, max_drift=0.1, patience=2, view="story"
+    )
+    other.load_state_dict(cb.state_dict())
+    assert other.criterion.streak == 1 and not other.locked
+    assert other.criterion.update(0.9, 1.0, 0.01) and other.lock_epoch == 1
+    with pytest.raises(ValueError, match="lock view"):
+        LockCallback(0.5, 2.0, 0.1, view="sentences")
+
+
+def test_train_writes_artifacts_resumes_and_reports_controls(
+    tiny_dir, tiny_model, tmp_path, cache_dir
+):
+    from analoglock.lock.train import train
+
+    out = tmp_path / "run"
+    metrics = train(compose_train(tiny_dir, out))
+    for key in REQUIRED:
+        assert key in metrics
+    assert metrics["epochs_run"] == 3 and metrics["shuffled_control_top1"] is not None
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["heldout_top1"] == metrics["heldout_top1"]
+    assert (out / "last.ckpt").exists() and (out / "report.html").stat().st_size > 10_000
+    # The frozen transformer never enters the checkpoint: only the map and its bookkeeping.
+    ckpt = torch.load(out / "last.ckpt", weights_only=True, map_location="cpu")
+    assert all(k.startswith(("mapper.", "center", "prev_params")) for k in ckpt["state_dict"]), (
+        list(ckpt["state_dict"])
+    )
+    assert ckpt["hyper_parameters"]["mapper_kind"] == "translation"
+    # The portable artifact applies to the same model and refuses another.
+    rel = load_relation(out, tiny_model)
+    assert rel.hook == "blocks.2.hook_resid_post" and rel.vector.shape == (64,)
+    assert {"relation", "meandiff", "center"} <= set(rel.vectors)
+    with pytest.raises(ArtifactError, match="learned on model"):
+        from analoglock.model import load_model
+        from tests.helpers import tiny_model_dir
+
+        load_relation(out, load_model(str(tiny_model_dir(tmp_path / "other", seed=5))))
+    # Resume: a longer run continues from last.ckpt instead of starting over.
+    more = train(compose_train(tiny_dir, out, "trainer.max_epochs=5", "shuffled_control=false"))
+    assert more["epochs_run"] == 5
+    assert [h["epoch"] for h in more["history"]] == [0, 1, 2, 3, 4]
+
+
+def test_foreign_files_are_not_relations(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "relation.safetensors"))
+    with pytest.raises(ArtifactError, match="not an analoglock relation"):
+        read_relation_cfg(tmp_path)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "relation.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ArtifactError, match="not a safetensors file"):
+        read_relation_cfg(tmp_path / "junk")
+
+
+def test_ddp_runs_two_gloo_processes(tiny_dir, tmp_path, cache_dir):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "analoglock.cli.train", "model=hf", f"model.spec={tiny_dir}", "trainer=ddp",
+        "hook=blocks.1.hook_resid_post", "logger=csv", f"out_dir={out}", "trainer.max_epochs=2",
+        "shuffled_control=false", "trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    env = {**os.environ, "ANALOGLOCK_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    assert "distributed_backend=gloo" in log and "All distributed processes registered" in log
+    assert "Starting with 2 processes" in log or "world_size: 2" in log or "MEMBER: 2/2" in log, (
+        log[-3000:]
+    )
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+
+
+def _tiny_pca_basis(tiny_model, hook: str, out: Path, n: int = 16) -> Path:
+    """A PCA basis fit on the tiny model's paired story activations, saved with the model's identity."""
+    from analoglock.bases import PCABasis
+    from analoglock.model import model_info
+
+    paired = paired_activations(tiny_model, "fable_work", hook, progress=False)
+    basis = PCABasis(n_components=n, hook=hook).fit(torch.cat([paired.a, paired.b]))
+    basis.save(out, model=model_info(tiny_model).to_dict())
+    return out
+
+
+def test_sparse_matrix_map_in_a_basis(tiny_dir, tiny_model, tmp_path, cache_dir):
+    from analoglock.bases import BasisArtifactError
+    from analoglock.lock.train import relation_features, train
+
+    hook = "blocks.2.hook_resid_post"
+    basis_dir = _tiny_pca_basis(tiny_model, hook, tmp_path / "pca")
+    out = tmp_path / "sparse"
+    cfg = compose_train(
+        tiny_dir, out, "mapper=sparse_matrix", f"basis={basis_dir}", "loss.weights.l1=0.001",
+        "trainer.max_epochs=2",
+    )  # fmt: skip
+    metrics = train(cfg)
+    feats, ctrl = metrics["relation_features"], metrics["relation_features_shuffled_control"]
+    assert len(feats) == 10 and len(ctrl) == 10
+    assert all(0 <= f["feature"] < 16 for f in feats)
+    # The artifact reloads its basis by itself and maps exactly as the trained module did.
+    rel = load_relation(out, tiny_model)
+    assert rel.cfg["basis"] == str(basis_dir.resolve()) and rel.mapper.kind == "sparse"
+    x = torch.randn(5, 64)
+    W, b = rel.mapper.W_feat.detach(), rel.mapper.b_feat.detach()
+    basis = rel.mapper.basis_a
+    want = basis.decode(basis.encode(x) @ W + b) + (x - basis.decode(basis.encode(x)))
+    torch.testing.assert_close(rel.mapper(x).detach(), want)
+    # Readout: with W = I and b = e_3 the relation moves feature 3 only, by exactly 1 code unit.
+    rel.mapper.W_feat.data = torch.eye(16)
+    rel.mapper.b_feat.data = torch.nn.functional.one_hot(torch.tensor(3), 16).float()
+    top = relation_features(rel.mapper, x, k=3)
+    assert top[0]["feature"] == 3 and top[0]["code_change"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(top[1]["code_change"]) < 1e-5
+    # A sparse map without a basis, a basis at another hook, a basis with a raw-space map: refused.
+    with pytest.raises(ValueError, match="needs basis="):
+        train(compose_train(tiny_dir, tmp_path / "nobasis", "mapper=sparse_matrix"))
+    with pytest.raises(BasisArtifactError, match="fit at hook"):
+        train(
+            compose_train(
+                tiny_dir, tmp_path / "wronghook", "mapper=sparse_matrix", f"basis={basis_dir}",
+                "hook=blocks.1.hook_resid_post",
+            )
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="used only by mapper=sparse_matrix"):
+        train(compose_train(tiny_dir, tmp_path / "raw", f"basis={basis_dir}"))
