@@ -394,3 +394,19 @@ def test_read_text_documents_jsonl_errors(tmp_path):
         read_text_documents(path)
     with pytest.raises(FileNotFoundError):
         read_text_documents(tmp_path / "missing.txt")
+
+
+def test_fable_work_has_enough_pairs_and_no_source_crosses_splits():
+    """The lock needs >= 400 pairs; a fable retold in two splits would leak test plots into training."""
+    from collections import defaultdict
+
+    from analoglock.data import load_pairs
+
+    pairs = load_pairs("fable_work")
+    assert len(pairs) >= 400
+    splits = defaultdict(set)
+    for p in pairs:
+        if p.source != "original":  # untitled originals are distinct stories
+            splits[p.source.split(":", 1)[-1].strip().lower()].add(p.split)
+    crossing = {s: v for s, v in splits.items() if len(v) > 1}
+    assert not crossing, crossing
