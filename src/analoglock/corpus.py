@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 BATCH_SEED_STRIDE = 100003  # > batches in any corpus (10^6 tokens is ~300), so seeds never collide
 PROMPT_VERSION = 1  # bump when the word lists or templates change: old files then refuse to resume
 MAX_EMPTY_BATCHES = 10  # consecutive batches with no text before we call the model broken
+STEP_HOOK = (
+    "hook_embed"  # fires once per forward pass of generation: the prompt, then each new token
+)
 LINE_FIELDS: dict[str, type] = {
     "id": str,
     "text": str,
@@ -236,9 +240,14 @@ def sample_batch(
     temperature: float,
     top_p: float,
     repetition_penalty: float = 1.0,
+    on_step: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One batch's non-empty stories as rows `{"text", "prompt", "n_tokens", "batch"}`."""
+    """One batch's non-empty stories as rows `{"text", "prompt", "n_tokens", "batch"}`.
+
+    `on_step` is called once per decoding step (a hook that reads nothing and changes nothing).
+    """
     requests = batch_requests(seed, batch_index, batch_size)
+    hooks = [] if on_step is None else [(STEP_HOOK, lambda x, hook: on_step())]
     out = generate(
         model,
         [chat_prompt(model, r) for r in requests],
@@ -249,6 +258,7 @@ def sample_batch(
         repetition_penalty=repetition_penalty,
         seed=batch_seed(seed, batch_index),
         batch_size=batch_size,
+        fwd_hooks=hooks,
     )
     kept = [(r, c.strip()) for r, c in zip(requests, out.completions, strict=True) if c.strip()]
     if not kept:
@@ -258,6 +268,46 @@ def sample_batch(
         {"text": text, "prompt": request, "n_tokens": len(row_ids), "batch": batch_index}
         for (request, text), row_ids in zip(kept, ids, strict=True)
     ]
+
+
+class _StepBar:
+    """The corpus progress bar, moved at every decoding step rather than once per batch.
+
+    A batch of 128 stories x 200 steps takes minutes on a CPU, so a per-batch bar sat at 0 for
+    that long. Each step adds an estimate (story tokens kept per step, measured on the batches
+    finished so far; one per row at first), which gives tqdm a rate and an ETA; a finished batch
+    replaces its estimate with its true token count.
+    """
+
+    def __init__(self, total: int, have: int, batch_size: int, max_new_tokens: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=have, unit="tok", desc="corpus", disable=not enabled)
+        self.max_new_tokens = max_new_tokens
+        self.per_step = float(batch_size)
+        self.steps_seen = self.tokens_seen = 0
+        self.batch = self.step = 0
+        self.estimated = 0  # this batch's estimated tokens already shown on the bar
+
+    def start(self, batch: int) -> None:
+        self.batch, self.step, self.estimated = batch, 0, 0
+
+    def on_step(self) -> None:
+        self.step += 1
+        room = self.bar.total - self.bar.n
+        add = max(0, min(round(self.step * self.per_step) - self.estimated, room))
+        self.estimated += add
+        self.bar.set_postfix_str(f"batch {self.batch}, step {self.step}/{self.max_new_tokens}", refresh=False)  # fmt: skip
+        self.bar.update(add)
+
+    def finish(self, made: int) -> None:
+        """Swap this batch's estimate for the `made` tokens it really kept."""
+        self.steps_seen += self.step
+        self.tokens_seen += made
+        if self.steps_seen:
+            self.per_step = self.tokens_seen / self.steps_seen
+        self.bar.update(made - self.estimated)  # may be negative: tqdm allows it
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def generate_corpus(
@@ -277,6 +327,8 @@ def generate_corpus(
     Each line is `{"id", "text", "prompt", "n_tokens", "batch"}`; `n_tokens` counts the story's
     tokens without special tokens. An existing file is extended from its next batch (or returned
     at once when it already holds enough), so the result depends only on the settings and `seed`.
+    The file is created by the first finished batch, so a run killed before it leaves no empty
+    file; each batch is appended in one write, and a cut-off one is redone by the next run.
     """
     if n_tokens < 0:
         raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
@@ -312,39 +364,41 @@ def generate_corpus(
         log.info("Generating a %d-token corpus into %s", n_tokens, path)
 
     have, n_lines, batch, empty_run = state.n_tokens, state.n_lines, state.next_batch, 0
-    bar = tqdm(total=n_tokens, initial=have, unit="tok", desc="corpus", disable=not progress)
+    bar = _StepBar(n_tokens, have, batch_size, max_new_tokens, enabled=progress)
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            while have < n_tokens:
-                rows = sample_batch(
-                    model,
-                    seed,
-                    batch,
-                    batch_size,
-                    max_new_tokens,
-                    temperature,
-                    top_p,
-                    repetition_penalty,
-                )
-                lines = []
-                for row in rows:
-                    row = {"id": f"corpus/{n_lines}", **row}
-                    lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-                    n_lines += 1
-                if lines:  # one write per batch, so a kill never leaves half of a batch's lines
+        while have < n_tokens:
+            bar.start(batch)
+            rows = sample_batch(
+                model,
+                seed,
+                batch,
+                batch_size,
+                max_new_tokens,
+                temperature,
+                top_p,
+                repetition_penalty,
+                on_step=bar.on_step if progress else None,
+            )
+            lines = []
+            for row in rows:
+                row = {"id": f"corpus/{n_lines}", **row}
+                lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+                n_lines += 1
+            if lines:  # one write per batch, so a kill never leaves half of a batch's lines
+                with open(path, "a", encoding="utf-8") as f:  # opened only now: never an empty file
                     f.write("".join(lines))
                     f.flush()
                     os.fsync(f.fileno())
-                empty_run = 0 if lines else empty_run + 1
-                if empty_run >= MAX_EMPTY_BATCHES:
-                    raise RuntimeError(
-                        f"{empty_run} batches in a row produced no text (the model ends every "
-                        "story at once); check the model and its chat template."
-                    )
-                made = sum(r["n_tokens"] for r in rows)
-                have += made
-                bar.update(made)
-                batch += 1
+            empty_run = 0 if lines else empty_run + 1
+            if empty_run >= MAX_EMPTY_BATCHES:
+                raise RuntimeError(
+                    f"{empty_run} batches in a row produced no text (the model ends every "
+                    "story at once); check the model and its chat template."
+                )
+            made = sum(r["n_tokens"] for r in rows)
+            have += made
+            bar.finish(made)
+            batch += 1
     finally:
         bar.close()
     log.info("%s holds %d stories, %d tokens", path, n_lines, have)

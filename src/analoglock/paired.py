@@ -1,29 +1,41 @@
-"""Paired activations of two domains, and the LightningDataModule the lock trainer reads.
+"""Paired activations of two domains: row i of A is the analogue of row i of B.
 
-Owns turning a domain-pair dataset into aligned vectors at one hook: the whole-story view (mean
-over a story's tokens) and the role view (mean over the tokens of role k in each story, so
-tortoise <-> junior analyst is one pair). Harvests are cached on disk keyed by model, dataset and
-hook. Knows nothing of maps or losses.
+Owns turning a domain-pair dataset into aligned vectors at one hook, in three views:
+- "story": the mean over a story's tokens (fable <-> its workplace retelling);
+- "roles": the mean over every token of role k in a story (tortoise <-> junior analyst);
+- "mentions": each single mention of role k in story A (the mean over that mention's tokens, in
+  its own context) paired with role k's mean in story B. Every mention is a training pair, which
+  is what a map applied at role tokens while steering needs.
+Harvests are cached on disk keyed by model, dataset and hook. Knows nothing of maps or losses.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from analoglock.activations import Activations, ActivationStore, harvest_to_disk
+from analoglock.activations import META_FILE, Activations, ActivationStore, harvest_to_disk
 from analoglock.data import load_documents, load_pairs
 from analoglock.model import cache_root, model_info
 from analoglock.positions import AllTokens
 
 log = logging.getLogger(__name__)
 
-VIEWS = ("story", "roles")
+VIEWS = ("story", "roles", "mentions")
+
+
+def view_group(view: str) -> str:
+    """The retrieval group of a row's view: "story", "roles" (role<k>) or "mentions" (mention<k>)."""
+    if view == "story":
+        return "story"
+    return "mentions" if view.startswith("mention") else "roles"
 
 
 @dataclass
@@ -40,16 +52,12 @@ class PairedActivations:
         return int(self.a.shape[0])
 
     def subset(self, split: str | None = None, view: str | None = None) -> PairedActivations:
-        """Rows of one split and/or view ("roles" keeps every role<k>)."""
+        """Rows of one split and/or view ("roles" keeps every role<k>, "mentions" every mention<k>)."""
         keep = [
             i
             for i in range(len(self))
             if (split is None or self.split[i] == split)
-            and (
-                view is None
-                or self.view[i] == view
-                or (view == "roles" and self.view[i].startswith("role"))
-            )
+            and (view is None or self.view[i] == view or view_group(self.view[i]) == view)
         ]
         idx = torch.tensor(keep, dtype=torch.long)
         return PairedActivations(
@@ -70,29 +78,46 @@ def check_finite(x: torch.Tensor, what: str) -> None:
 
 
 def pool_pairs(acts: Activations, hook: str, views: tuple[str, ...] = VIEWS) -> PairedActivations:
-    """Mean-pool harvested token rows into story-level and role-level A/B pairs."""
+    """Mean-pool harvested token rows into story-, role- and mention-level A/B pairs."""
     unknown = [v for v in views if v not in VIEWS]
     if unknown:
         raise ValueError(f"Unknown views {unknown}; valid: {', '.join(VIEWS)}")
     x = acts.acts[hook].float()
     check_finite(x, f"harvest at {hook}")
     groups: dict[tuple[str, str, str], list[int]] = defaultdict(list)  # (pair, side, view) -> rows
+    mentions: dict[tuple[str, str, int], list[int]] = defaultdict(
+        list
+    )  # (pair, role, span) -> rows
     for row, (d, s) in enumerate(zip(acts.doc.tolist(), acts.span.tolist(), strict=True)):
         doc = acts.docs[d]
         pair, side = doc.meta["pair"], doc.meta["side"]
         if "story" in views:
             groups[(pair, side, "story")].append(row)
-        if "roles" in views and s >= 0:
-            groups[(pair, side, doc.spans[s].label)].append(row)
+        if s >= 0 and ("roles" in views or "mentions" in views):
+            role = doc.spans[s].label
+            groups[(pair, side, role)].append(row)
+            if side == "a":
+                mentions[(pair, role, s)].append(row)
     split_of = {d.meta["pair"]: d.meta["split"] for d in acts.docs}
     rows_a, rows_b, pair_ids, view_ids = [], [], [], []
     for (pair, side, view), rows in sorted(groups.items()):
         if side != "a" or (pair, "b", view) not in groups:
             continue  # a role whose tokens were truncated away on one side has no partner
+        if view != "story" and "roles" not in views:
+            continue
         rows_a.append(x[rows].mean(0))
         rows_b.append(x[groups[(pair, "b", view)]].mean(0))
         pair_ids.append(pair)
         view_ids.append(view)
+    if "mentions" in views:
+        for (pair, role, _), rows in sorted(mentions.items()):
+            partner = groups.get((pair, "b", role))
+            if not partner:
+                continue
+            rows_a.append(x[rows].mean(0))
+            rows_b.append(x[partner].mean(0))
+            pair_ids.append(pair)
+            view_ids.append("mention" + role.removeprefix("role"))
     if not rows_a:
         raise ValueError(
             "No A/B pairs found: the harvest needs both sides of a domain-pair dataset."
@@ -106,10 +131,30 @@ def pool_pairs(acts: Activations, hook: str, views: tuple[str, ...] = VIEWS) -> 
     )
 
 
-def harvest_dir(model, dataset: str, hook: str) -> Path:
-    """Cache folder for a dataset's all-token harvest at one hook."""
-    key = hashlib.sha256(f"{model_info(model).sha256}|{dataset}|{hook}".encode()).hexdigest()[:16]
-    return cache_root() / "harvests" / f"{Path(dataset).stem}-{hook}-{key}"
+def harvest_dir(model, dataset: str, docs, hooks: Sequence[str]) -> Path:
+    """Cache folder for a dataset's all-token harvest at some hooks.
+
+    Named `<dataset>-<content key>-<layers>`: the content key hashes the model and every
+    document, so editing a dataset never reuses (or collides with) a stale harvest, and any
+    complete harvest of the same content that holds a hook can serve it.
+    """
+    h = hashlib.sha256(model_info(model).sha256.encode())
+    for d in docs:
+        h.update(f"\0{d.id}\0{d.text}".encode())
+    layers = "+".join(h_.replace("blocks.", "").replace(".hook_", "") for h_ in sorted(hooks))
+    return cache_root() / "harvests" / f"{Path(dataset).stem}-{h.hexdigest()[:12]}-{layers}"
+
+
+def _cached_with(prefix: Path, hooks: Sequence[str]) -> Path | None:
+    """A complete cached harvest under `prefix`-* that holds every hook, or None."""
+    for meta_path in sorted(prefix.parent.glob(prefix.name + "-*/" + META_FILE)):
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if meta.get("complete") and set(hooks) <= set(meta.get("hooks", [])):
+            return meta_path.parent
+    return None
 
 
 def paired_activations(
@@ -119,19 +164,21 @@ def paired_activations(
     views: tuple[str, ...] | list[str] = VIEWS,
     batch_tokens: int = 4096,
     progress: bool = True,
+    also: Sequence[str] = (),
 ) -> PairedActivations:
-    """Harvest (or reuse the cached harvest of) a domain-pair dataset and pool it into pairs."""
+    """Harvest (or reuse a cached harvest of) a domain-pair dataset and pool it into pairs.
+
+    `also` names more hooks to harvest in the same pass (a layer sweep pays for one forward);
+    `paired_from_cache` then pools them without the model.
+    """
     load_pairs(dataset)  # fails early, with the list of datasets, if this is not a pair dataset
     docs = load_documents(dataset, side="both")
-    out = harvest_dir(model, dataset, hook)
-    store = harvest_to_disk(
-        model,
-        docs,
-        [hook],
-        out,
-        AllTokens(),
-        dataset=dataset,
-        batch_tokens=batch_tokens,
-        progress=progress,
-    )
-    return pool_pairs(ActivationStore(store.path).load(), hook, tuple(views))
+    hooks = sorted({hook, *also})
+    out = harvest_dir(model, dataset, docs, hooks)
+    found = _cached_with(out.with_name(out.name.rsplit("-", 1)[0]), hooks)
+    if found is None:
+        found = harvest_to_disk(
+            model, docs, hooks, out, AllTokens(), dataset=dataset, batch_tokens=batch_tokens,
+            progress=progress,
+        ).path  # fmt: skip
+    return pool_pairs(ActivationStore(found).load(), hook, tuple(views))

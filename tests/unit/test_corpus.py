@@ -118,3 +118,35 @@ def test_default_path_is_keyed_by_model_and_seed(tiny_model, tmp_path, monkeypat
     monkeypatch.setenv("ANALOGLOCK_CACHE", str(tmp_path))
     sha = model_info(tiny_model).sha256[:12]
     assert default_corpus_path(tiny_model, 3) == tmp_path / "corpus" / f"{sha}-seed3.jsonl"
+
+
+def test_interrupted_first_batch_leaves_no_empty_file(tiny_model, tmp_path, monkeypatch):
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus_mod, "generate", killed)
+    path = tmp_path / "killed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        generate_corpus(tiny_model, 100, out_path=path, **SMALL)
+    assert not path.exists()  # a 0-byte cache would later read as an empty corpus
+
+
+def test_progress_moves_every_decoding_step(tiny_model, tmp_path, monkeypatch):
+    shown_at_step, shown_at_batch_end = [], []
+
+    class Watched(corpus_mod._StepBar):
+        def on_step(self):
+            super().on_step()
+            shown_at_step.append(self.bar.n)
+
+        def finish(self, made):
+            super().finish(made)
+            shown_at_batch_end.append(self.bar.n)
+
+    monkeypatch.setattr(corpus_mod, "_StepBar", Watched)
+    path = generate_corpus(
+        tiny_model, 60, out_path=tmp_path / "p.jsonl", batch_size=4, max_new_tokens=20
+    )
+    assert len(shown_at_step) > 2 * len(shown_at_batch_end) > 0  # moves within a batch too
+    assert shown_at_step[0] > 0  # from the first step on, not only when a batch is done
+    assert shown_at_batch_end[-1] == corpus_stats(path)[1]  # true counts replace the estimates

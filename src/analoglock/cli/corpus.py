@@ -12,13 +12,13 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from analoglock.cli._conf import CONF_DIR
+from analoglock.cli._conf import CONF_PATH
 from analoglock.corpus import corpus_stats, default_corpus_path, generate_corpus
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="corpus")
+@hydra.main(version_base=None, config_path=CONF_PATH, config_name="corpus")
 def main(cfg: DictConfig) -> None:
     """Load the model from config, grow the corpus to `n_tokens`, print a one-line JSON summary."""
     model = hydra.utils.instantiate(cfg.model)

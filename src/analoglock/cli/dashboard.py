@@ -8,13 +8,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from analoglock.cli._conf import CONF_DIR
+from analoglock.cli._conf import CONF_PATH
 
 
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="dashboard")
+@hydra.main(version_base=None, config_path=CONF_PATH, config_name="dashboard")
 def main(cfg: DictConfig) -> None:
     """Check basis/harvest/model agree, optionally label, render; print where the page is."""
     from analoglock.activations import ActivationStore
+    from analoglock.atomic import check_out_dir
     from analoglock.bases import load_basis, read_basis_cfg
     from analoglock.bases.contexts import feature_codes
     from analoglock.model import model_info
@@ -27,8 +28,12 @@ def main(cfg: DictConfig) -> None:
     )
 
     start = time.perf_counter()
+    out = Path(cfg.out) if cfg.out else Path(cfg.basis) / DASHBOARD_FILE
+    check_out_dir(out.parent)  # like every check below: fail before loading a model
+    if out.is_dir():
+        raise IsADirectoryError(f"out={out} is a directory; give the HTML file's path.")
     store = ActivationStore(cfg.acts)
-    hook = check_compatible(read_basis_cfg(cfg.basis), store.meta)  # fail before loading a model
+    hook = check_compatible(read_basis_cfg(cfg.basis), store.meta)
     basis = load_basis(cfg.basis)
     acts = store.load([hook])
     model = hydra.utils.instantiate(cfg.model)
@@ -61,7 +66,6 @@ def main(cfg: DictConfig) -> None:
         print(f"labelled {len(labels)} features in {time.perf_counter() - t:.1f} s -> {path}")
     labels = load_labels(cfg.basis, model)
 
-    out = Path(cfg.out) if cfg.out else Path(cfg.basis) / DASHBOARD_FILE
     page = write_dashboard(
         basis,
         acts,

@@ -7,40 +7,33 @@ import json
 import hydra
 from omegaconf import DictConfig
 
-from analoglock.cli._conf import CONF_DIR
+from analoglock.cli._conf import CONF_PATH
 
 
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base=None, config_path=CONF_PATH, config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Train, then print the headline metrics (returns held-out top-1 for sweeps)."""
+    """Train, write report.html, print the headline (returns validation-free test MRR for sweeps)."""
     from analoglock.lock.train import train
+    from analoglock.reports.lock import lock_report
 
-    metrics = train(cfg)
+    metrics, objects = train(cfg)
     if not metrics:  # a non-zero DDP rank
         return float("nan")
-    keys = [
-        "locked",
-        "lock_epoch",
-        "epochs_run",
-        "heldout_top1",
-        "heldout_top5",
-        "equivariance_error",
-        "shuffled_control_top1",
-        "shuffled_control_locked",
-        "meandiff_top1",
-        "procrustes_top1",
-        "identity_top1",
-        "heldout_top1_story",
-        "shuffled_control_top1_story",
-        "meandiff_top1_story",
-        "procrustes_top1_story",
-        "identity_top1_story",
-        "chance_top1",
-        "n_pairs",
-    ]
-    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
-    print(f"wrote {cfg.out_dir}/metrics.json, relation.safetensors, report.html, last.ckpt")
-    return float(metrics["heldout_top1"])
+    figures = lock_report(metrics, cfg.out_dir)
+    logger = objects["module"].logger
+    if type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        logger.experiment.log({name: wandb.Plotly(fig) for name, fig in figures.items()})
+        logger.experiment.summary.update({f"test/{m}/{k}": v for m, d in metrics["test"].items()
+                                          for k, v in d.items()})  # fmt: skip
+    head = {k: metrics[k] for k in ("locked", "lock_epoch", "epochs_run", "not_applicable",
+                                     "shuffled_control_locked", "n_pairs")}  # fmt: skip
+    head["test"] = {m: {k: round(v, 3) for k, v in d.items() if not k.startswith("n_")}
+                    for m, d in metrics["test"].items()}  # fmt: skip
+    print(json.dumps(head, indent=1))
+    print(f"wrote {cfg.out_dir}/metrics.json, lock.safetensors, report.html, last.ckpt")
+    return float(metrics["test"]["learned"].get("mrr_roles", float("nan")))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Lock metrics: torchmetrics objects that accumulate over batches, and the lock decision.
 
-Owns partner retrieval, equivariance (relation preservation over the whole held-out set),
-drift of the map's parameters between epochs, fraction of variance unexplained, the
-`LockCriterion` that turns those into "the map has locked", and the shuffled-pairs control.
+Owns partner retrieval and equivariance (relation preservation) as torchmetrics over a whole
+held-out set, drift of the map's parameters between epochs, and the `LockCriterion` that turns
+paired, bootstrapped evidence (from `analoglock.lock.evaluate`) into "the map has locked".
 Every metric state has a `dist_reduce_fx`, so values are the same under DDP as on one device.
 Knows nothing of maps, models or how activations were harvested; the loss math it shares
 lives in `analoglock.lock.losses`.
@@ -178,58 +178,71 @@ class MapDrift(Metric):
 
 @dataclass
 class LockCriterion:
-    """Decides when the map has locked: all three conditions hold for `patience` epochs in a row.
+    """Decides when the map has locked: every clause holds on validation for `patience` epochs.
 
-    Why these three: `top1` (partner retrieval) says M sends each A story to its own B analogue,
-    item by item; `equivariance` (relation preservation) says M also carries the relations
-    between stories across, which retrieval alone does not (a map can find nearest neighbours
-    while scrambling the geometry around them); `drift` says optimisation has stopped moving M,
-    so the first two describe a fixed map rather than one passing through a good region.
-    `patience` guards against one lucky epoch. Calibrate `min_top1` against chance (k / n) and
-    against the same map trained on deranged pairs (`analoglock.stats.derange`), which must never lock.
-
-    `update` is called once per epoch and returns whether the map is locked now. `lock_epoch`
-    is the epoch (0-based count of updates) on which the current lock was declared, or None;
-    a failing epoch ends the streak and the lock.
+    The clauses, each on held-out validation pairs and paired item by item:
+    - retrieval: for each view in `views` (story-level and role-level pairs) and each baseline in
+      `baselines` (identity, mean difference, Procrustes), the lower end of the bootstrap 95%
+      interval of (learned - baseline) top-1 exceeds `min_margin`. A map that only learns the
+      domain shift ties the mean difference and never locks;
+    - relations: for each view, the upper end of the interval of (learned - identity) relation
+      error is below 0 (the map carries within-domain relations across better than doing
+      nothing). For maps that cannot change relation errors (translations) this clause is
+      reported as not applicable (None), never silently passed: such a map can lock only on
+      retrieval, and `not_applicable` says so in the history;
+    - drift: the map's parameters moved less than `max_drift` (relative) since the last epoch,
+      so the clauses describe a fixed map rather than one passing through a good region.
+    `update` returns whether the map is locked now; a failing epoch ends the streak and the lock.
     """
 
-    min_top1: float = 0.9
-    max_equivariance: float = 0.3
-    max_drift: float = 1e-3
+    views: tuple[str, ...] = ("story", "roles")
+    baselines: tuple[str, ...] = ("identity", "meandiff", "procrustes")
+    min_margin: float = 0.0
+    relation_test: bool = True
+    max_drift: float = 0.02
     patience: int = 3
     epoch: int = field(default=-1, init=False)  # index of the last update; -1 before any
     streak: int = field(default=0, init=False)  # consecutive passing epochs, ending at `epoch`
     lock_epoch: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        self.views, self.baselines = tuple(self.views), tuple(self.baselines)
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1 epoch, got {self.patience}")
-        if not 0 <= self.min_top1 <= 1:
-            raise ValueError(f"min_top1 is a fraction in [0, 1], got {self.min_top1}")
-        if self.max_equivariance < 0 or self.max_drift < 0:
-            raise ValueError("max_equivariance and max_drift must be >= 0")
+        if self.max_drift < 0:
+            raise ValueError(f"max_drift must be >= 0, got {self.max_drift}")
+        if not self.views:
+            raise ValueError("views is empty: name at least one of story, roles, mentions")
 
     @property
     def locked(self) -> bool:
         """Whether the map is locked as of the last update."""
         return self.lock_epoch is not None
 
-    def passes(
-        self, top1: float | Tensor, equivariance: float | Tensor, drift: float | Tensor
-    ) -> bool:
-        """Whether one epoch's values meet every threshold (NaN and inf drift fail)."""
-        return (
-            float(top1) >= self.min_top1
-            and float(equivariance) <= self.max_equivariance
-            and float(drift) <= self.max_drift
-        )
+    def clauses(
+        self, margins: dict[str, list[float]], drift: float, relations_apply: bool = True
+    ) -> dict[str, bool | None]:
+        """Each clause's verdict: True, False, or None where it does not apply."""
+        out: dict[str, bool | None] = {}
+        for v in self.views:
+            for name in self.baselines:
+                m = margins.get(f"top1_{v}_vs_{name}")
+                out[f"top1_{v}_vs_{name}"] = m is not None and m[1] > self.min_margin
+            if self.relation_test:
+                m = margins.get(f"rel_err_{v}_vs_identity")
+                out[f"rel_err_{v}_vs_identity"] = (
+                    None if not relations_apply else (m is not None and m[2] < 0)
+                )
+        out["drift"] = math.isfinite(float(drift)) and float(drift) <= self.max_drift
+        return out
 
     def update(
-        self, top1: float | Tensor, equivariance: float | Tensor, drift: float | Tensor
+        self, margins: dict[str, list[float]], drift: float, relations_apply: bool = True
     ) -> bool:
-        """Record one epoch's values; return whether the map is locked now."""
+        """Record one epoch's evidence; return whether the map is locked now."""
         self.epoch += 1
-        if self.passes(top1, equivariance, drift):
+        verdicts = self.clauses(margins, drift, relations_apply)
+        if all(v is not False for v in verdicts.values()):
             self.streak += 1
             if self.streak >= self.patience and self.lock_epoch is None:
                 self.lock_epoch = self.epoch

@@ -1,9 +1,11 @@
 """The analogy-lock LightningModule and the callback that decides when the map has locked.
 
 Owns the learning: a mapper (from `analoglock.lock.maps`) trained on paired A/B activations with
-weighted loss terms (from `analoglock.lock.losses`), held-out lock metrics (from `analoglock.lock.metrics`)
-every epoch, and the lock decision. The frozen transformer never enters this module: it trains
-on activations harvested beforehand, so checkpoints hold only the map.
+weighted loss terms (from `analoglock.lock.losses`); every validation epoch it scores the map item
+by item on the whole validation set beside the closed-form baselines (`analoglock.lock.evaluate`)
+and hands the paired, bootstrapped evidence to the lock callback. The frozen transformer never
+enters this module: it trains on activations harvested beforehand, so checkpoints hold only the
+map (validation rows are non-persistent buffers).
 """
 
 from __future__ import annotations
@@ -17,23 +19,20 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from analoglock.lock import losses
-from analoglock.lock.metrics import EquivarianceError, LockCriterion, PartnerRetrieval
+from analoglock.lock.evaluate import (
+    BASELINES,
+    baseline_maps,
+    evaluate_maps,
+    margins,
+    score_items,
+    summarize,
+)
+from analoglock.lock.metrics import LockCriterion
+from analoglock.paired import PairedActivations
 
 log = logging.getLogger(__name__)
 
 LOSS_TERMS = ("match", "infonce", "relation", "cka", "rsa", "cycle")
-GROUPS = ("story", "roles")  # retrieval groups; batches carry the group index of each row
-
-
-def combine_groups(per_group: dict[str, tuple[int, dict[str, float]]]) -> dict[str, float]:
-    """`<metric>_<group>` for each view group, plus each metric's row-weighted mean over groups."""
-    out: dict[str, float] = {}
-    total = sum(n for n, _ in per_group.values())
-    for g, (_, values) in per_group.items():
-        out.update({f"{k}_{g}": v for k, v in values.items()})
-    for key in ("top1", "top5", "equivariance"):
-        out[key] = sum(n * values[key] for n, values in per_group.values()) / max(total, 1)
-    return out
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor, eps: float = 1e-12) -> float:
@@ -45,9 +44,13 @@ class AnalogyLock(L.LightningModule):
     """Learn M: A -> B so that M(a_i) matches its partner b_i and relations within A are preserved.
 
     `weights` maps loss-term names (match, infonce, relation, cka, rsa, cycle, and the mapper's
-    own regularizers such as l1 / nuclear) to weights; 0 disables a term. Similarities are taken
-    after subtracting `center` (the mean training activation): the residual stream's large shared
-    component would otherwise make every cosine near 1.
+    own regularizers such as l1 / fro / nuclear) to weights; 0 disables a term. Similarities are
+    taken after subtracting `center` (the mean training activation): the residual stream's large
+    shared component would otherwise make every cosine near 1.
+
+    Validation does not go through the dataloader's rows: `setup` takes the whole validation
+    split from the datamodule, and every rank scores all of it, so under DDP every rank sees the
+    same metrics and makes the same lock decision without a gather.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class AnalogyLock(L.LightningModule):
         center: torch.Tensor | None = None,
         temperature: float = 0.1,
         relation_pairs: int | None = None,
+        ridge: float = 1.0,
     ):
         super().__init__()
         # The mapper is a module: Lightning stores its weights in the state dict, its kind and
@@ -77,30 +81,24 @@ class AnalogyLock(L.LightningModule):
         self.register_buffer("prev_params", torch.zeros(0))
         self.temperature = temperature
         self.relation_pairs = relation_pairs
-        # Candidates for retrieval are rows of the same view (stories compete with stories,
-        # role tokens with role tokens): a story vector is trivially unlike a role vector.
-        self.groups = list(GROUPS)
-        self.val_metrics = torch.nn.ModuleDict(
-            {
-                g: torch.nn.ModuleDict(
-                    {"ret": PartnerRetrieval(k=(1, 5)), "eq": EquivarianceError()}
-                )
-                for g in self.groups
-            }
-        )
-        self.test_metrics = torch.nn.ModuleDict(
-            {
-                g: torch.nn.ModuleDict(
-                    {"ret": PartnerRetrieval(k=(1, 5)), "eq": EquivarianceError()}
-                )
-                for g in self.groups
-            }
-        )
-        self.last_val: dict[str, float] = {}
+        self.ridge = ridge
+        self.val_part: PairedActivations | None = None
+        self.val_baselines: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        self.last_val: dict[str, Any] = {}
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         """M(a)."""
         return self.mapper(a)
+
+    def setup(self, stage: str) -> None:
+        """Take the validation split and score the closed-form baselines on it once."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        paired = getattr(dm, "paired", None)
+        if paired is None:
+            return
+        self.val_part = paired.subset("validation")
+        maps = baseline_maps(paired.subset("train"), ridge=self.ridge)
+        self.val_baselines = evaluate_maps(maps, self.val_part, self.center.cpu())
 
     def loss_terms(self, a: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every enabled loss term on one batch of pairs."""
@@ -145,43 +143,21 @@ class AnalogyLock(L.LightningModule):
         self.log("train/loss", total, prog_bar=True, batch_size=a.shape[0])
         return total
 
-    def _eval_update(self, batch, metrics: torch.nn.ModuleDict) -> None:
-        a, b, group = batch
-        m = self.mapper(a) - self.center
-        bc = b - self.center
-        for gi, g in enumerate(self.groups):
-            rows = group == gi
-            if int(rows.sum()) >= 2:
-                metrics[g]["ret"].update(m[rows], bc[rows])
-                metrics[g]["eq"].update(m[rows], bc[rows])
-
-    def _eval_compute(self, metrics: torch.nn.ModuleDict) -> dict[str, float]:
-        """Per-view top1/top5/equivariance, and their row-weighted means as the headline."""
-        per_group: dict[str, tuple[int, dict[str, float]]] = {}
-        for g in self.groups:
-            ret, eq = metrics[g]["ret"], metrics[g]["eq"]
-            # After a DDP sync the list state arrives concatenated into one tensor.
-            rows = ret.mapped_a if isinstance(ret.mapped_a, list) else [ret.mapped_a]
-            n = sum(int(x.shape[0]) for x in rows)
-            if n >= 2:
-                top = ret.compute()
-                per_group[g] = (
-                    n,
-                    {
-                        "top1": float(top["top1"]),
-                        "top5": float(top["top5"]),
-                        "equivariance": float(eq.compute()),
-                    },
-                )
-            ret.reset()
-            eq.reset()
-        return combine_groups(per_group)
-
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_update(batch, self.val_metrics)
+        """Nothing per batch: the whole validation split is scored at epoch end."""
+
+    def evaluate_validation(self) -> dict[str, Any]:
+        """Per-group means and paired margins vs every baseline on the whole validation split."""
+        if self.val_part is None:
+            raise RuntimeError("AnalogyLock.setup() found no datamodule with paired activations.")
+        with torch.no_grad():
+            p = next(self.mapper.parameters())
+            mapped = self.mapper(self.val_part.a.to(p.device, p.dtype)).cpu().float()
+        learned = score_items(mapped, self.val_part, self.center.cpu())
+        return {**summarize(learned), "margins": margins(learned, self.val_baselines)}
 
     def on_validation_epoch_end(self) -> None:
-        values = self._eval_compute(self.val_metrics)
+        values = self.evaluate_validation()
         params = self.mapper.param_vector().detach()
         drift = (
             float("inf")
@@ -191,15 +167,12 @@ class AnalogyLock(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.prev_params = params.clone()  # a buffer: survives checkpoint/resume
         self.last_val = {**values, "drift": drift}
-        shown = {"top1", "equivariance"}
-        self.log_dict({f"val/{k}": v for k, v in self.last_val.items() if k not in shown})
-        self.log_dict({f"val/{k}": self.last_val[k] for k in shown}, prog_bar=True)
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_update(batch, self.test_metrics)
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict({f"test/{k}": v for k, v in self._eval_compute(self.test_metrics).items()})
+        flat = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        flat.update({f"margin/{k}_lo": v[1] for k, v in values["margins"].items()})
+        flat["drift"] = drift
+        shown = {"top1_story", "top1_roles"}
+        self.log_dict({f"val/{k}": float(v) for k, v in flat.items() if k not in shown})
+        self.log_dict({f"val/{k}": float(flat[k]) for k in shown if k in flat}, prog_bar=True)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # prev_params starts empty and grows after the first epoch; size it before loading.
@@ -220,24 +193,30 @@ class LockCallback(Callback):
 
     def __init__(
         self,
-        min_top1: float,
-        max_equivariance: float,
-        max_drift: float,
+        views: tuple[str, ...] | list[str] = ("story", "roles"),
+        baselines: tuple[str, ...] | list[str] = ("identity", "meandiff", "procrustes"),
+        min_margin: float = 0.0,
+        relation_test: bool = True,
+        max_drift: float = 0.02,
         patience: int = 3,
-        view: str | None = None,
         stop: bool = True,
     ):
-        if view not in (None, *GROUPS):
-            raise ValueError(f"lock view must be one of {GROUPS} or null (all rows), not {view!r}")
-        self.suffix = f"_{view}" if view else ""  # judge the lock on one view's metrics
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"Unknown lock baselines {unknown}; valid: {', '.join(BASELINES)}")
+        bad_views = [v for v in views if v not in ("story", "roles", "mentions")]
+        if bad_views:
+            raise ValueError(f"lock views must be story, roles or mentions, not {bad_views}")
         self.criterion = LockCriterion(
-            min_top1=min_top1,
-            max_equivariance=max_equivariance,
+            views=tuple(views),
+            baselines=tuple(baselines),
+            min_margin=min_margin,
+            relation_test=relation_test,
             max_drift=max_drift,
             patience=patience,
         )
         self.stop = stop
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, Any]] = []
 
     @property
     def locked(self) -> bool:
@@ -251,18 +230,23 @@ class LockCallback(Callback):
         if trainer.sanity_checking or not pl_module.last_val:
             return
         v = pl_module.last_val
-        top1, eq = (
-            v.get("top1" + self.suffix, float("nan")),
-            v.get("equivariance" + self.suffix, float("nan")),
+        applies = bool(getattr(pl_module.mapper, "changes_relations", True))
+        clauses = self.criterion.clauses(v["margins"], v["drift"], applies)
+        locked = self.criterion.update(v["margins"], v["drift"], applies)
+        drift = v["drift"] if v["drift"] != float("inf") else None  # first epoch: no drift yet
+        self.history.append(
+            {
+                "epoch": trainer.current_epoch,
+                **v,
+                "drift": drift,
+                "clauses": clauses,
+                "locked": locked,
+            }
         )
-        locked = self.criterion.update(top1, eq, v["drift"])
-        self.history.append({"epoch": trainer.current_epoch, **v, "locked": float(locked)})
-        for (
-            logger
-        ) in trainer.loggers:  # self.log is not allowed here; write to the loggers directly
+        for logger in trainer.loggers:  # self.log is not allowed here; write to the loggers
             logger.log_metrics({"val/locked": float(locked)}, step=trainer.global_step)
         if locked and self.stop:
-            log.info("Locked at epoch %s: %s", self.criterion.lock_epoch, v)
+            log.info("Locked at epoch %s", self.criterion.lock_epoch)
             trainer.should_stop = True
 
     def state_dict(self) -> dict[str, Any]:

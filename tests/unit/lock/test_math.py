@@ -267,18 +267,49 @@ def test_map_drift_hand_computed():
     assert drift.compute() == pytest.approx(0)
 
 
+def _margins(top1_lo: float = 0.05, rel_hi: float = -0.1, missing: str | None = None) -> dict:
+    """Evidence as evaluate.margins gives it: [mean, lo, hi] per clause."""
+    out = {
+        f"top1_{v}_vs_{b}": [top1_lo + 0.1, top1_lo, top1_lo + 0.2]
+        for v in ("story", "roles")
+        for b in ("identity", "meandiff", "procrustes")
+    }
+    out |= {
+        f"rel_err_{v}_vs_identity": [rel_hi - 0.1, rel_hi - 0.2, rel_hi] for v in ("story", "roles")
+    }
+    out.pop(missing, None)
+    return out
+
+
 def test_lock_criterion_needs_patience_and_resets_on_failure():
-    crit = LockCriterion(min_top1=0.9, max_equivariance=0.2, max_drift=0.01, patience=3)
-    good, bad_top1, bad_drift = (0.95, 0.1, 0.001), (0.5, 0.1, 0.001), (0.95, 0.1, math.inf)
-    assert [crit.update(*good), crit.update(*good)] == [False, False]
-    assert crit.update(*bad_top1) is False  # streak broken one epoch short
-    assert [crit.update(*good) for _ in range(2)] == [False, False]
-    assert crit.update(*good) is True and crit.lock_epoch == 5
-    assert crit.update(*good) is True and crit.lock_epoch == 5  # the lock keeps its epoch
-    assert crit.update(*bad_drift) is False and crit.lock_epoch is None
-    assert crit.update(0.95, float("nan"), 0.0) is False  # NaN never passes
+    crit = LockCriterion(max_drift=0.01, patience=3)
+    good, bad_margin = _margins(), _margins(top1_lo=-0.01)  # interval touches 0: a tie, not a win
+    assert [crit.update(good, 0.001), crit.update(good, 0.001)] == [False, False]
+    assert crit.update(bad_margin, 0.001) is False  # streak broken one epoch short
+    assert [crit.update(good, 0.001) for _ in range(2)] == [False, False]
+    assert crit.update(good, 0.001) is True and crit.lock_epoch == 5
+    assert crit.update(good, 0.001) is True and crit.lock_epoch == 5  # the lock keeps its epoch
+    assert crit.update(good, math.inf) is False and crit.lock_epoch is None
+    assert crit.update(_margins(rel_hi=0.01), 0.0) is False  # relations not carried over
+    # A clause with no evidence (a view missing from the data) fails; it is never passed silently.
+    assert (
+        crit.clauses(_margins(missing="top1_roles_vs_meandiff"), 0.0)["top1_roles_vs_meandiff"]
+        is False
+    )
     with pytest.raises(ValueError, match="patience"):
         LockCriterion(patience=0)
+
+
+def test_relation_clause_is_not_applicable_to_translations():
+    """A translation cannot change relation errors: the clause says None (reported), not True."""
+    crit = LockCriterion(patience=1)
+    clauses = crit.clauses(_margins(rel_hi=0.5), 0.0, relations_apply=False)
+    assert clauses["rel_err_story_vs_identity"] is None
+    assert crit.update(_margins(rel_hi=0.5), 0.0, relations_apply=False) is True
+    assert (
+        crit.clauses(_margins(rel_hi=0.5), 0.0, relations_apply=True)["rel_err_story_vs_identity"]
+        is False
+    )
 
 
 def test_derange_is_a_derangement():
@@ -289,3 +320,42 @@ def test_derange_is_a_derangement():
             assert torch.equal(perm.sort().values, torch.arange(n))  # a permutation
             assert not (perm == torch.arange(n)).any()  # with no fixed points
     assert torch.equal(derange(2), torch.tensor([1, 0]))  # the only derangement of 2
+
+
+def test_item_scores_agree_with_the_whole_set_metrics():
+    """Per-item hits average to retrieval top-1; per-item relation errors average to the loss."""
+    from analoglock.lock.evaluate import partner_ranks, relation_errors
+
+    a, b = randn(30, 8, seed=1), randn(30, 8, seed=2)
+    m = b + 0.5 * a  # a noisy map: some partners found, some not
+    hit, rr = partner_ranks(m, b)
+    assert float(hit.mean()) == pytest.approx(float(retrieval_topk(m, b, (1,))["top1"]))
+    assert bool(((rr > 0) & (rr <= 1)).all()) and bool((rr[hit == 1] == 1).all())
+    assert float(relation_errors(m, b).mean()) == pytest.approx(float(relation_preservation(m, b)))
+    # A collapsed map (every row to one point) scores chance, not 1.
+    hit0, _ = partner_ranks(torch.ones(30, 8, dtype=torch.float64), b)
+    assert float(hit0.mean()) == pytest.approx(1 / 30)
+
+
+def test_margins_are_paired_and_bootstrap_intervals_cover_the_mean():
+    from analoglock.lock.evaluate import margins
+
+    n = 40
+    learned = {"story": {"hit": torch.ones(n), "rr": torch.ones(n), "rel_err": torch.zeros(n)}}
+    base = {"story": {"hit": torch.zeros(n), "rr": torch.ones(n), "rel_err": torch.ones(n)}}
+    out = margins(learned, {"identity": base, "meandiff": learned}, groups=("story",))
+    assert out["top1_story_vs_identity"] == [1.0, 1.0, 1.0]
+    assert out["top1_story_vs_meandiff"] == [0.0, 0.0, 0.0]  # a tie is not a margin
+    assert out["rel_err_story_vs_identity"] == [-1.0, -1.0, -1.0]
+    noisy = {"story": {**learned["story"], "hit": (torch.arange(n) % 2).double()}}
+    mean, lo, hi = margins(noisy, {"identity": base}, groups=("story",))["top1_story_vs_identity"]
+    assert lo < mean < hi and mean == pytest.approx(0.5)
+
+
+def test_derange_within_keeps_groups_apart():
+    from analoglock.stats import derange_within
+
+    groups = ["story"] * 5 + ["roles"] * 7 + ["mentions"]
+    perm = derange_within(groups, torch.Generator().manual_seed(0))
+    assert all(groups[int(j)] == groups[i] for i, j in enumerate(perm))
+    assert all(int(perm[i]) != i for i in range(12)) and int(perm[12]) == 12

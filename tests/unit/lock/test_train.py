@@ -14,16 +14,17 @@ from hydra import compose, initialize_config_dir
 
 from analoglock.cli._conf import CONF_DIR
 from analoglock.lock.data import PairedDataModule
-from analoglock.lock.export import ArtifactError, load_relation, read_relation_cfg
+from analoglock.lock.export import ArtifactError, load_artifact, read_artifact_cfg
 from analoglock.lock.maps import build_mapper
 from analoglock.lock.module import AnalogyLock, LockCallback
 from analoglock.paired import PairedActivations, paired_activations, pool_pairs
 
 REPO = Path(__file__).resolve().parents[3]
 REQUIRED = (
-    "locked", "lock_epoch", "heldout_top1", "heldout_top5", "equivariance_error", "shuffled_control_top1",
-    "meandiff_top1", "procrustes_top1", "identity_top1",
+    "locked", "lock_epoch", "epochs_run", "not_applicable", "shuffled_control_locked", "test",
+    "test_margins", "n_pairs", "history",
 )  # fmt: skip
+MAPS = ("learned", "identity", "meandiff", "procrustes", "ridge", "shuffled_control")
 
 
 def compose_train(tiny_dir: str, out_dir: Path, *extra: str):
@@ -55,8 +56,10 @@ def test_pool_pairs_are_aligned(tiny_model, cache_dir):
         tiny_model, "fable_work", "blocks.1.hook_resid_post", progress=False
     )
     story = paired.subset(view="story")
-    assert len(story) == 150 and {"train", "validation", "test"} == set(paired.split)
-    assert all(v == "story" or v.startswith("role") for v in paired.view)
+    assert len(story) == 400 and {"train", "validation", "test"} == set(paired.split)
+    assert all(v == "story" or v.startswith(("role", "mention")) for v in paired.view)
+    # Every mention is its own pair; a role's mentions outnumber its role-mean rows.
+    assert len(paired.subset(view="mentions")) > len(paired.subset(view="roles"))
     from analoglock.activations import ActivationStore
 
     store = ActivationStore(next((cache_dir / "harvests").iterdir()))
@@ -97,64 +100,115 @@ def test_untrained_translation_scores_like_identity():
         ).loss_terms(a, b)
 
 
+PASSING = {
+    f"top1_{v}_vs_{b}": [0.2, 0.05, 0.3]
+    for v in ("story", "roles")
+    for b in ("identity", "meandiff", "procrustes")
+} | {
+    "rel_err_story_vs_identity": [-0.2, -0.3, -0.1],
+    "rel_err_roles_vs_identity": [-0.2, -0.3, -0.1],
+}
+
+
 def test_lock_callback_state_round_trips():
-    cb = LockCallback(min_top1=0.5, max_equivariance=2.0, max_drift=0.1, patience=2, view="story")
-    cb.criterion.update(0.9, 1.0, 0.01)
+    cb = LockCallback(max_drift=0.1, patience=2)
+    cb.criterion.update(PASSING, 0.01)
     cb.history.append({"epoch": 0})
-    other = LockCallback(
-        min_top1=0.5, max_equivariance=2.0, max_drift=0.1, patience=2, view="story"
-    )
+    other = LockCallback(max_drift=0.1, patience=2)
     other.load_state_dict(cb.state_dict())
     assert other.criterion.streak == 1 and not other.locked
-    assert other.criterion.update(0.9, 1.0, 0.01) and other.lock_epoch == 1
-    with pytest.raises(ValueError, match="lock view"):
-        LockCallback(0.5, 2.0, 0.1, view="sentences")
+    assert other.criterion.update(PASSING, 0.01) and other.lock_epoch == 1
+    with pytest.raises(ValueError, match="lock views"):
+        LockCallback(views=["sentences"])
+    with pytest.raises(ValueError, match="baselines"):
+        LockCallback(baselines=["oracle"])
 
 
 def test_train_writes_artifacts_resumes_and_reports_controls(
     tiny_dir, tiny_model, tmp_path, cache_dir
 ):
     from analoglock.lock.train import train
+    from analoglock.reports.lock import lock_report
 
     out = tmp_path / "run"
-    metrics = train(compose_train(tiny_dir, out))
+    metrics, objects = train(compose_train(tiny_dir, out))
     for key in REQUIRED:
         assert key in metrics
-    assert metrics["epochs_run"] == 3 and metrics["shuffled_control_top1"] is not None
+    assert metrics["epochs_run"] == 3 and set(metrics["test"]) == set(MAPS)
+    # The identity baseline scores the identity map: untrained translation starts there too.
+    for g in ("story", "roles"):
+        assert 0 <= metrics["test"]["identity"][f"top1_{g}"] <= 1
+    # Each epoch's history says which clause passed, and why (paired margins vs baselines).
+    clauses = metrics["history"][-1]["clauses"]
+    assert "top1_roles_vs_meandiff" in clauses and "drift" in clauses
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["heldout_top1"] == metrics["heldout_top1"]
+    assert saved["test"] == metrics["test"]
+    lock_report(metrics, out)
     assert (out / "last.ckpt").exists() and (out / "report.html").stat().st_size > 10_000
     # The frozen transformer never enters the checkpoint: only the map and its bookkeeping.
     ckpt = torch.load(out / "last.ckpt", weights_only=True, map_location="cpu")
     assert all(k.startswith(("mapper.", "center", "prev_params")) for k in ckpt["state_dict"]), (
         list(ckpt["state_dict"])
     )
-    assert ckpt["hyper_parameters"]["mapper_kind"] == "translation"
+    assert ckpt["hyper_parameters"]["mapper_kind"] == "lowrank"
     # The portable artifact applies to the same model and refuses another.
-    rel = load_relation(out, tiny_model)
-    assert rel.hook == "blocks.2.hook_resid_post" and rel.vector.shape == (64,)
-    assert {"relation", "meandiff", "center"} <= set(rel.vectors)
+    art = load_artifact(out, tiny_model)
+    assert art.hook == "blocks.2.hook_resid_post" and art.vector.shape == (64,)
+    assert {"learned", "meandiff", "center", "cov_a"} <= set(art.vectors)
+    assert art.control_mapper is not None and art.control_mapper.kind == "lowrank"
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(art.mapper(x), objects["module"].mapper(x).detach())
+    torch.testing.assert_close(art.control_mapper(x), objects["control"].mapper(x).detach())
     with pytest.raises(ArtifactError, match="learned on model"):
         from analoglock.model import load_model
         from tests.helpers import tiny_model_dir
 
-        load_relation(out, load_model(str(tiny_model_dir(tmp_path / "other", seed=5))))
+        load_artifact(out, load_model(str(tiny_model_dir(tmp_path / "other", seed=5))))
     # Resume: a longer run continues from last.ckpt instead of starting over.
-    more = train(compose_train(tiny_dir, out, "trainer.max_epochs=5", "shuffled_control=false"))
+    more, _ = train(compose_train(tiny_dir, out, "trainer.max_epochs=5"))
     assert more["epochs_run"] == 5
     assert [h["epoch"] for h in more["history"]] == [0, 1, 2, 3, 4]
+    # A folder made with another configuration is never resumed: the message names the setting.
+    with pytest.raises(ValueError, match="differs in: .*mapper"):
+        train(compose_train(tiny_dir, out, "mapper=affine", "trainer.max_epochs=5"))
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_dir, tmp_path, cache_dir):
+    """Killed after 2 epochs and rerun to 4 gives the same map as 4 epochs straight."""
+    from analoglock.lock.train import train
+
+    straight, a = train(compose_train(tiny_dir, tmp_path / "a", "trainer.max_epochs=4",
+                                      "shuffled_control=false"))  # fmt: skip
+    train(compose_train(tiny_dir, tmp_path / "b", "trainer.max_epochs=2", "shuffled_control=false"))
+    resumed, b = train(compose_train(tiny_dir, tmp_path / "b", "trainer.max_epochs=4",
+                                     "shuffled_control=false"))  # fmt: skip
+    for name, value in a["module"].mapper.export_tensors().items():
+        torch.testing.assert_close(b["module"].mapper.export_tensors()[name], value, rtol=0, atol=0)
+    assert straight["test"] == resumed["test"]
+
+
+def test_bad_lock_inputs_fail_before_writing(tiny_dir, tmp_path, cache_dir):
+    """A hook the model lacks fails before out_dir exists; out_dir that is a file is named."""
+    from analoglock.lock.train import train
+
+    with pytest.raises(ValueError, match="blocks.99"):
+        train(compose_train(tiny_dir, tmp_path / "nohook", "hook=blocks.99.hook_resid_post"))
+    assert not (tmp_path / "nohook").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile"):
+        train(compose_train(tiny_dir, tmp_path / "afile"))
 
 
 def test_foreign_files_are_not_relations(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"x": torch.zeros(2)}, str(tmp_path / "relation.safetensors"))
-    with pytest.raises(ArtifactError, match="not an analoglock relation"):
-        read_relation_cfg(tmp_path)
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "lock.safetensors"))
+    with pytest.raises(ArtifactError, match="not an analoglock lock artifact"):
+        read_artifact_cfg(tmp_path)
     (tmp_path / "junk").mkdir()
-    (tmp_path / "junk" / "relation.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "junk" / "lock.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ArtifactError, match="not a safetensors file"):
-        read_relation_cfg(tmp_path / "junk")
+        read_artifact_cfg(tmp_path / "junk")
 
 
 def test_ddp_runs_two_gloo_processes(tiny_dir, tmp_path, cache_dir):
@@ -162,7 +216,7 @@ def test_ddp_runs_two_gloo_processes(tiny_dir, tmp_path, cache_dir):
     cmd = [
         sys.executable, "-m", "analoglock.cli.train", "model=hf", f"model.spec={tiny_dir}", "trainer=ddp",
         "hook=blocks.1.hook_resid_post", "logger=csv", f"out_dir={out}", "trainer.max_epochs=2",
-        "shuffled_control=false", "trainer.enable_progress_bar=false",
+        "trainer.enable_progress_bar=false",
     ]  # fmt: skip
     env = {**os.environ, "ANALOGLOCK_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
@@ -172,7 +226,10 @@ def test_ddp_runs_two_gloo_processes(tiny_dir, tmp_path, cache_dir):
     assert "Starting with 2 processes" in log or "world_size: 2" in log or "MEMBER: 2/2" in log, (
         log[-3000:]
     )
-    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and metrics["shuffled_control_locked"] is False
+    # Both ranks scored the whole validation split: every logged value is one number per epoch.
+    assert "Connection closed" not in log
 
 
 def _tiny_pca_basis(tiny_model, hook: str, out: Path, n: int = 16) -> Path:
@@ -188,7 +245,8 @@ def _tiny_pca_basis(tiny_model, hook: str, out: Path, n: int = 16) -> Path:
 
 def test_sparse_matrix_map_in_a_basis(tiny_dir, tiny_model, tmp_path, cache_dir):
     from analoglock.bases import BasisArtifactError
-    from analoglock.lock.train import relation_features, train
+    from analoglock.lock.evaluate import relation_features
+    from analoglock.lock.train import train
 
     hook = "blocks.2.hook_resid_post"
     basis_dir = _tiny_pca_basis(tiny_model, hook, tmp_path / "pca")
@@ -197,12 +255,12 @@ def test_sparse_matrix_map_in_a_basis(tiny_dir, tiny_model, tmp_path, cache_dir)
         tiny_dir, out, "mapper=sparse_matrix", f"basis={basis_dir}", "loss.weights.l1=0.001",
         "trainer.max_epochs=2",
     )  # fmt: skip
-    metrics = train(cfg)
+    metrics, _ = train(cfg)
     feats, ctrl = metrics["relation_features"], metrics["relation_features_shuffled_control"]
     assert len(feats) == 10 and len(ctrl) == 10
     assert all(0 <= f["feature"] < 16 for f in feats)
     # The artifact reloads its basis by itself and maps exactly as the trained module did.
-    rel = load_relation(out, tiny_model)
+    rel = load_artifact(out, tiny_model)
     assert rel.cfg["basis"] == str(basis_dir.resolve()) and rel.mapper.kind == "sparse"
     x = torch.randn(5, 64)
     W, b = rel.mapper.W_feat.detach(), rel.mapper.b_feat.detach()

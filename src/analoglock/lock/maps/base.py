@@ -17,10 +17,35 @@ class Mapper(nn.Module):
     """Base class: M(x) maps [..., d_in] activations of domain A to [..., d_out] of domain B."""
 
     kind: ClassVar[str] = ""  # registry key, stored in an export's cfg.json
+    # Whether the map can change differences between rows; a translation cannot, so the lock's
+    # relation clause does not apply to it (reported as such, never silently passed).
+    changes_relations: ClassVar[bool] = True
 
     def forward(self, x: Annotated[Tensor, "... d_in"]) -> Annotated[Tensor, "... d_out"]:
         """Apply the map to the last axis."""
         raise NotImplementedError
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        d_model: int,
+        train_a: Tensor | None = None,
+        train_b: Tensor | None = None,
+        basis=None,
+        **kwargs: Any,
+    ) -> Mapper:
+        """The factory a config names (`_target_: ...AffineMap.build`, `_partial_: true`).
+
+        The trainer fills in the dims, the training pairs (for maps initialised from data) and
+        the feature basis (for maps in a code space); other keys are the map's own options.
+        """
+        if basis is not None:
+            raise ValueError(
+                f"basis= is used only by mapper=sparse_matrix; a {cls.kind} map works in the raw "
+                "activation space (drop basis= or use mapper=sparse_matrix)."
+            )
+        return cls(d_model=d_model, **kwargs)
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments: `type(self)(**self.config())` rebuilds it."""

@@ -42,6 +42,15 @@ class OrthogonalMap(Mapper):
         return self.rotation.weight
 
     @classmethod
+    def build(
+        cls, *, d_model: int, train_a=None, train_b=None, basis=None, **kwargs
+    ) -> OrthogonalMap:
+        """Start from the closed-form Procrustes solution on the training pairs."""
+        if train_a is None or train_b is None or basis is not None:
+            raise ValueError("mapper=orthogonal is initialised from training pairs, in raw space.")
+        return cls.from_procrustes(train_a, train_b)
+
+    @classmethod
     def from_procrustes(
         cls, x_a: Annotated[Tensor, "n d_model"], x_b: Annotated[Tensor, "n d_model"]
     ) -> OrthogonalMap:

@@ -57,6 +57,16 @@ class SparseFeatureMap(Mapper):
         self.W_feat = nn.Parameter(W)
         self.b_feat = nn.Parameter(torch.zeros(n_b))
 
+    @classmethod
+    def build(cls, *, d_model: int, train_a=None, train_b=None, basis=None, **kwargs):
+        """A feature-to-feature matrix in `basis`'s code space (the basis is required)."""
+        if basis is None:
+            raise ValueError(
+                "mapper=sparse_matrix learns a feature-to-feature matrix and needs basis=<a basis "
+                "directory from analoglock-fit-basis, fit at this hook on this model>."
+            )
+        return cls(basis_a=basis, **kwargs)
+
     def __setattr__(self, name: str, value: Any) -> None:
         """Keep bases out of the module tree (an SAE is an nn.Module: it must not be trained or saved)."""
         if name in ("basis_a", "basis_b"):

@@ -17,6 +17,7 @@ class TranslationMap(Mapper):
     """M(x) = x + r with r: [d_model]; identity at init (r = 0)."""
 
     kind = "translation"
+    changes_relations = False
 
     def __init__(self, d_model: int):
         super().__init__()

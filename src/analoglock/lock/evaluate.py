@@ -1,0 +1,164 @@
+"""Score maps on held-out pairs, item by item, beside the closed-form baselines.
+
+Owns what the lock is judged on: for each view group (story, roles, mentions) and each held-out
+pair, whether M(a_i) retrieves its own partner b_i first among the group's B rows (top-1, ties
+counted fractionally), its reciprocal rank, and its relation error (how far the differences
+between M(a_i) and the other mapped rows are from the same differences among the B rows). Item
+level values let every comparison be paired and bootstrapped. Baselines are the maps a reader
+would try first: identity, the mean difference (CAA), orthogonal Procrustes, and ridge least
+squares pulled toward the identity. Knows nothing of Lightning; the module and `train` call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from analoglock.lock.maps.baselines import least_squares_affine, mean_difference, procrustes
+from analoglock.paired import PairedActivations, view_group
+from analoglock.stats import EPS, bootstrap_mean
+
+MapFn = Callable[[Tensor], Tensor]
+BASELINES = ("identity", "meandiff", "procrustes", "ridge")
+GROUPS = ("story", "roles", "mentions")
+
+
+def partner_ranks(
+    mapped_a: Annotated[Tensor, "n d"], b: Annotated[Tensor, "n d"]
+) -> tuple[Annotated[Tensor, "n"], Annotated[Tensor, "n"]]:
+    """(top-1 hit, reciprocal rank) of each row's own partner among all b rows, by cosine.
+
+    A partner tied with t others at rank r counts 1/(t+1) toward top-1 (a collapsed map that sends
+    every row to one point scores chance, not 1) and 1/(r + t/2) as its reciprocal rank.
+    """
+    a = F.normalize(mapped_a.detach().double(), dim=-1)
+    bn = F.normalize(b.detach().double(), dim=-1)
+    sims = a @ bn.T
+    own = sims.diagonal().unsqueeze(1)
+    better = (sims > own).sum(1).double()
+    ties = (sims == own).sum(1).double() - 1
+    hit = torch.where(better == 0, 1 / (ties + 1), torch.zeros_like(better))
+    return hit, 1 / (1 + better + ties / 2)
+
+
+def relation_errors(
+    mapped_a: Annotated[Tensor, "n d"], b: Annotated[Tensor, "n d"]
+) -> Annotated[Tensor, "n"]:
+    """Each row's share of the all-pairs relation error, normalised by B's relation spread.
+
+    With u_i = M(a_i) - b_i, the error of pair (i, j) is ||u_i - u_j||^2, and summing over all
+    pairs gives 2n sum_i ||u_i - mean u||^2: row i's share is ||u_i - mean u||^2. The mean over
+    rows equals `losses.relation_preservation` (0 = relations carried over exactly, ~1 = the map
+    collapses them, ~2 = scrambled). A translation cannot change it.
+    """
+    u = (mapped_a - b).double()
+    bb = b.double()
+    scale = (bb - bb.mean(0)).pow(2).sum(-1).mean().clamp_min(EPS)
+    return (u - u.mean(0)).pow(2).sum(-1) / scale
+
+
+def baseline_maps(train: PairedActivations, ridge: float = 1.0) -> dict[str, MapFn]:
+    """Closed-form maps fit on the train pairs: identity, mean difference, Procrustes, ridge."""
+    r = mean_difference(train.a, train.b)
+    R, mu_a, mu_b = procrustes(train.a, train.b)
+    W, b = least_squares_affine(train.a, train.b, ridge=ridge)
+    return {
+        "identity": lambda x: x,
+        "meandiff": lambda x: x + r,
+        "procrustes": lambda x: (x - mu_a) @ R + mu_b,
+        "ridge": lambda x: x @ W + b,
+    }
+
+
+def score_items(
+    mapped_a: Tensor, part: PairedActivations, center: Tensor
+) -> dict[str, dict[str, Tensor]]:
+    """Per view group: per-row "hit", "rr" and "rel_err" (candidates = that group's rows only).
+
+    Similarities are taken after subtracting `center` (the mean training activation): the
+    residual stream's large shared component would otherwise make every cosine near 1.
+    """
+    groups = [view_group(v) for v in part.view]
+    out: dict[str, dict[str, Tensor]] = {}
+    for g in GROUPS:
+        rows = torch.tensor([x == g for x in groups], dtype=torch.bool)
+        if int(rows.sum()) < 2:
+            continue
+        m, bc = mapped_a[rows] - center, part.b[rows] - center
+        hit, rr = partner_ranks(m, bc)
+        out[g] = {"hit": hit, "rr": rr, "rel_err": relation_errors(m, bc)}
+    return out
+
+
+def summarize(items: dict[str, dict[str, Tensor]]) -> dict[str, float]:
+    """Means per group: top1_<g>, mrr_<g>, equivariance_<g>, n_<g>."""
+    out: dict[str, float] = {}
+    for g, v in items.items():
+        out[f"top1_{g}"] = float(v["hit"].mean())
+        out[f"mrr_{g}"] = float(v["rr"].mean())
+        out[f"equivariance_{g}"] = float(v["rel_err"].mean())
+        out[f"n_{g}"] = len(v["hit"])
+    return out
+
+
+def margins(
+    learned: dict[str, dict[str, Tensor]],
+    baselines: dict[str, dict[str, dict[str, Tensor]]],
+    groups: tuple[str, ...] = ("story", "roles"),
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Paired bootstrap intervals of (learned - baseline) per held-out item.
+
+    Keys `top1_<group>_vs_<baseline>` -> [mean, lo, hi] of the top-1 difference (positive: the
+    learned map retrieves more partners), and `rel_err_<group>_vs_identity` -> [mean, lo, hi] of
+    the relation-error difference (negative: relations are carried over better than identity).
+    """
+    out: dict[str, list[float]] = {}
+    for g in groups:
+        if g not in learned:
+            continue
+        for name, items in baselines.items():
+            if g in items:
+                diff = learned[g]["hit"] - items[g]["hit"]
+                out[f"top1_{g}_vs_{name}"] = list(bootstrap_mean(diff, seed=seed))
+        if "identity" in baselines and g in baselines["identity"]:
+            diff = learned[g]["rel_err"] - baselines["identity"][g]["rel_err"]
+            out[f"rel_err_{g}_vs_identity"] = list(bootstrap_mean(diff, seed=seed))
+    return out
+
+
+def evaluate_maps(
+    maps: dict[str, MapFn], part: PairedActivations, center: Tensor
+) -> dict[str, dict[str, dict[str, Tensor]]]:
+    """`score_items` for each named map on the same held-out rows."""
+    with torch.no_grad():
+        return {name: score_items(fn(part.a), part, center) for name, fn in maps.items()}
+
+
+@torch.no_grad()
+def relation_features(mapper, a: Tensor, k: int = 10, labels: dict | None = None) -> list[dict]:
+    """For a map in a feature basis: the features it moves most, encode(a) -> encode(a) W + b.
+
+    Weighted by each feature's decoder norm, so the ranking is in activation units. Read it beside
+    the same readout of the shuffled-pairs control: features that move as much there are the
+    domain-mean shift, not the analogy.
+    """
+    codes = mapper.basis_a.encode(a)
+    delta = (codes @ mapper.W_feat + mapper.b_feat).mean(0) - codes.mean(0)
+    basis_b = mapper.basis_b
+    norms = basis_b.directions.norm(dim=-1) if hasattr(basis_b, "directions") else 1
+    score = delta * norms
+    top = score.abs().topk(min(k, len(score))).indices
+    return [
+        {
+            "feature": int(i),
+            "code_change": float(delta[i]),
+            "activation_change": float(score[i]),
+            "label": (labels or {}).get(int(i), {}).get("label"),
+        }
+        for i in top
+    ]
