@@ -10,7 +10,11 @@ import difflib
 import re
 from collections.abc import Iterable
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")  # the one parser of "blocks.<layer>.<rest>"
+_EMBED_STATES = ("hook_embed", "embed.hook_out")  # the residual stream before block 0
+# residual-stream hooks inside a block -> their offset along the stream from the block's input
+# (the bridge's hook_in / hook_out are aliases of hook_resid_pre / hook_resid_post)
+_RESID_OFFSET = {"hook_resid_pre": 0, "hook_in": 0, "hook_resid_post": 1, "hook_out": 1}
 _EMBED_HOOKS = ("hook_embed", "embed.", "hook_pos_embed", "hook_tokens", "rotary_emb.")
 
 
@@ -22,10 +26,37 @@ class LayerOutOfRangeError(HookNameError):
     """A hook name whose layer index is past the model's last layer."""
 
 
+def block_hook(name: str) -> tuple[int, str] | None:
+    """(layer, rest) of a hook inside a block (`blocks.6.hook_resid_post` -> (6, "hook_resid_post")),
+    or None for hooks outside the blocks."""
+    m = _BLOCK_RE.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 def hook_layer(name: str) -> int | None:
     """Block index of a hook name, or None for hooks outside the blocks."""
-    m = _BLOCK_RE.match(name)
-    return int(m.group(1)) if m else None
+    where = block_hook(name)
+    return where[0] if where else None
+
+
+def residual_depth(name: str) -> int | None:
+    """Position of a complete residual-stream state along the stream: the embedding and
+    `blocks.0.hook_resid_pre` are 0, `blocks.l.hook_resid_post` = `blocks.l+1.hook_resid_pre` = l+1;
+    None for any other hook (attention, MLP, resid_mid, ln_final, ...)."""
+    if name in _EMBED_STATES:
+        return 0
+    where = block_hook(name)
+    if where is None or where[1] not in _RESID_OFFSET:
+        return None
+    return where[0] + _RESID_OFFSET[where[1]]
+
+
+def resid_post_after(name: str, offset: int, n_layers: int) -> str:
+    """The `hook_resid_post` `offset` blocks after `name`'s block, capped at the last block."""
+    layer = hook_layer(name)
+    if layer is None:
+        raise HookNameError(f"Hook {name!r} is not inside a block; give the later hook explicitly")
+    return f"blocks.{min(layer + max(int(offset), 0), n_layers - 1)}.hook_resid_post"
 
 
 def valid_hook_names(model) -> list[str]:

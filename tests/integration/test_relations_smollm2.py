@@ -5,8 +5,9 @@ the gender probe generalises to held-out items; the royalty/gender parallelogram
 from __future__ import annotations
 
 from analoglock.relations.algebra import RelationSpec, relation_algebra
-from analoglock.relations.concepts import concept_vectors, harvest_concepts
+from analoglock.relations.concepts import harvest_concepts
 from analoglock.relations.recursive import recursive
+from analoglock.relations.vectors import concept_vectors
 
 HOOK = "blocks.13.hook_resid_post"
 

@@ -10,27 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from analoglock.cli._conf import CONF_DIR
+from analoglock.cli._args import as_list
+from analoglock.cli._conf import CONF_PATH
+from analoglock.relations.config import register_configs
+
+register_configs()  # the analyses' dataclasses, which relations.yaml's defaults name
 
 log = logging.getLogger(__name__)
-
-
-def as_list(value: Any) -> list:
-    """A Hydra scalar or list as a Python list."""
-    if value is None:
-        return []
-    if isinstance(value, (ListConfig, list, tuple)):
-        return list(value)
-    return [value]
 
 
 def resolve_hooks(model, hook: str, layers: Any, hook_kind: str) -> list[str]:
     """`layers` expanded to blocks.L.<hook_kind>, else the single `hook`; validated."""
     from analoglock.hooks import validate_hooks
 
-    ls = as_list(layers)
+    ls = as_list(layers, none="empty")
     hooks = [f"blocks.{int(layer)}.{hook_kind}" for layer in ls] if ls else [str(hook)]
     return validate_hooks(model, hooks)
 
@@ -100,12 +95,12 @@ def run_analyses(cfg: DictConfig, ctx, names: list[str]) -> dict[str, float]:
     return seconds
 
 
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="relations")
+@hydra.main(version_base=None, config_path=CONF_PATH, config_name="relations")
 def main(cfg: DictConfig) -> None:
     """Load model and concept sets, run the analyses, write relations.json and report.html."""
     from analoglock.model import model_info
     from analoglock.relations import RelationsContext
-    from analoglock.relations.report import write_outputs
+    from analoglock.reports.relations import headline, jsonable, write_outputs
 
     if cfg.get("threads"):
         import torch
@@ -117,10 +112,16 @@ def main(cfg: DictConfig) -> None:
     hooks = resolve_hooks(
         model, cfg.hook, cfg.get("layers"), cfg.get("hook_kind", "hook_resid_post")
     )
-    names = [str(a) for a in as_list(cfg.analyses)]
+    names = [str(a) for a in as_list(cfg.analyses, none="empty")]
     t1 = time.perf_counter()
     concepts = load_concept_sets(
-        model, as_list(cfg.concepts), hooks, cfg.pool, cfg.max_length, cfg.seed, cfg.progress
+        model,
+        as_list(cfg.concepts, none="empty"),
+        hooks,
+        cfg.pool,
+        cfg.max_length,
+        cfg.seed,
+        cfg.progress,
     )
     t_harvest = time.perf_counter() - t1
     ctx = RelationsContext(
@@ -147,8 +148,6 @@ def main(cfg: DictConfig) -> None:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     paths = write_outputs(cfg.out_dir, ctx.results, meta)
-    from analoglock.relations.report import headline, jsonable
-
     summary = {
         "out": {k: str(v) for k, v in paths.items()},
         "load_s": meta["load_s"],

@@ -21,7 +21,6 @@ tests check both give the same numbers and `scripts/bench_patch.py` times them.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -29,7 +28,7 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from analoglock.hooks import validate_hook
+from analoglock.hooks import block_hook, validate_hook
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,6 @@ _NAMED_STAGES = {
 # is excluded on purpose: in the bridge it is ln2's input hook, so writing it changes only what
 # the MLP reads, not the residual that flows on.
 UPSTREAM_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _DROP_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # no KV cache reuse
 
 
@@ -86,13 +84,13 @@ class Site:
 
 def site_of(name: str) -> Site:
     """Parse `blocks.L.<hook>` into a Site; hooks outside the blocks are refused."""
-    m = _BLOCK.match(name)
-    if not m:
+    where = block_hook(name)
+    if where is None:
         raise PatchSetupError(
             f"Hook {name!r} is outside the transformer blocks; patching needs hooks of the form "
             "blocks.L.hook_resid_post (or hook_resid_pre, hook_attn_out, hook_mlp_out, ...)."
         )
-    layer, key = int(m.group(1)), m.group(2)
+    layer, key = where
     stage = _NAMED_STAGES.get(key)
     if stage is None and key.startswith(("attn.", "ln1.")):
         stage = ATTN_SIDE

@@ -2,9 +2,17 @@
 interpolation, singular-direction derivatives, search by shape, anomalies.
 
 Every analysis is a runner `run(cfg_section, ctx: RelationsContext) -> dict` registered in
-`ANALYSES` by name; the CLI (`analoglock-relations analyses=[...]`) calls them in order and writes
-their results to relations.json. Runners are imported on first call, so importing the package
-stays cheap and one analysis's heavy dependencies do not load for another.
+`ANALYSES` by name, with its settings in a dataclass of `config.CONFIGS` (registered in Hydra's
+ConfigStore); the CLI (`analoglock-relations analyses=[...]`) calls them in order and writes
+their results to relations.json, and `analoglock.reports.relations` draws them. Runners are
+imported on first call, so importing the package stays cheap and one analysis's heavy
+dependencies do not load for another.
+
+Modules by job: context (what a runner receives), concepts (harvesting concept rows, edited
+forward passes), vectors (concept vectors and probes), text (content words, paraphrases, token
+ids), common (the default SVD basis, text activations), paths and derivatives (the machinery of
+interpolate and jacobian), shape_spec (the search-by-shape spec), and one module per analysis.
+Shared statistics (random directions, empirical p, BH) live in `analoglock.stats`.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from analoglock.relations.config import CONFIGS
 from analoglock.relations.context import ConceptActs, RelationsContext
 
 Runner = Callable[[Any, RelationsContext], dict]
@@ -43,13 +52,4 @@ def _lazy(module: str, attr: str) -> Runner:
 
 ANALYSES: dict[str, Runner] = {name: _lazy(*where) for name, where in _RUNNERS.items()}
 
-
-def analysis_module(name: str):
-    """The module implementing analysis `name` (its `figures(result)` draws the report)."""
-    from analoglock.registry import lookup
-
-    module, _ = lookup(_RUNNERS, name, "analysis")
-    return importlib.import_module(f"analoglock.relations.{module}")
-
-
-__all__ = ["ANALYSES", "ConceptActs", "RelationsContext", "analysis_module"]
+__all__ = ["ANALYSES", "CONFIGS", "ConceptActs", "RelationsContext"]

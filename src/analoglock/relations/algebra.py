@@ -8,7 +8,7 @@ concept rows' covariance, since the residual stream is anisotropic; isotropic on
 too), so "aligned" and "orthogonal" carry p-values (and Benjamini-Hochberg q-values);
 (3) composites ("male + angry"): whether adding the sum of two relation vectors at a hook moves
 later-layer probe readouts and activations by the sum of the parts, beside random vectors of the
-same norms. Knows nothing of reports or the CLI beyond the `run(cfg, ctx)` runner.
+same norms (isotropic, and drawn from the concept rows' covariance). Knows nothing of reports or the CLI beyond the `run(cfg, ctx)` runner.
 """
 
 from __future__ import annotations
@@ -22,21 +22,35 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from analoglock.relations.concepts import (
-    HELDOUT,
-    add_at_concept,
-    balanced_accuracy,
-    contrast_rows,
-    empirical_p,
-    fit_probe,
-    forward_concepts,
+from analoglock.hooks import resid_post_after
+from analoglock.relations.concepts import HELDOUT, add_at_concept, forward_concepts
+from analoglock.relations.config import DEFAULT_COMPOSITES, AlgebraConfig, settings
+from analoglock.relations.context import (
+    ConceptActs,
+    RelationsContext,
+    harvested_only,
     split_pair_spec,
 )
-from analoglock.relations.context import ConceptActs, RelationsContext
+from analoglock.relations.vectors import balanced_accuracy, contrast_rows, fit_probe
+from analoglock.stats import (
+    NULL_KINDS,
+    NULL_WHAT,
+    bh_adjust,
+    covariance_directions,
+    empirical_p,
+    null_directions,
+    p_floor,
+    random_unit_directions,
+)
 
 log = logging.getLogger(__name__)
 
 VERDICTS = ("aligned", "anti-aligned", "orthogonal", "weak")
+Q_FROM = (
+    "model-based: BH over p_shuffled_normal, the two-sided tail of a normal fitted to the "
+    "shuffled-label null (z = (cos - null mean) / null sd); not a permutation p (that is "
+    "p_shuffled, whose floor 1 / (n_null + 1) BH over the whole matrix could never pass)"
+)
 
 
 @dataclass(frozen=True)
@@ -165,20 +179,8 @@ def cosine_matrix(v: Annotated[Tensor, "... r d"]) -> Annotated[Tensor, "... r r
 
 def random_abs_cosines(d: int, n: int, gen: torch.Generator) -> Annotated[Tensor, "n"]:
     """|cos| between n pairs of independent isotropic random directions in d dimensions."""
-    a = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    b = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1).abs()
-
-
-def bh_adjust(p: Tensor) -> Tensor:
-    """Benjamini-Hochberg q-values of a flat vector of p-values."""
-    n = p.numel()
-    order = torch.argsort(p)
-    ranked = p[order] * n / torch.arange(1, n + 1, dtype=p.dtype)
-    q = torch.flip(torch.cummin(torch.flip(ranked, [0]), 0).values, [0]).clamp(max=1.0)
-    out = torch.empty_like(q)
-    out[order] = q
-    return out
+    a, b = random_unit_directions(n, d, gen), random_unit_directions(n, d, gen)
+    return (a * b).sum(-1).abs()
 
 
 def space_abs_cosines(
@@ -189,10 +191,8 @@ def space_abs_cosines(
     The residual stream is anisotropic, so two arbitrary directions of it are far less orthogonal
     than isotropic ones; this is the "random direction in the same space" null (N(0, cov(rows))).
     """
-    xc = rows.double() - rows.double().mean(0)
-    a = torch.randn(n, len(xc), generator=gen, dtype=torch.float64) @ xc
-    b = torch.randn(n, len(xc), generator=gen, dtype=torch.float64) @ xc
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1).abs()
+    a, b = covariance_directions(rows, n, gen), covariance_directions(rows, n, gen)
+    return (a * b).sum(-1).abs()
 
 
 def verdict(cos: float, q_shuffled: float, p_space: float, alpha: float) -> str:
@@ -231,8 +231,7 @@ def cosine_stats(
     iso = random_abs_cosines(obs.shape[-1], n_random, gen)
     space = space_abs_cosines(space_rows, n_random, gen) if space_rows is not None else iso
     iso95, space95 = float(torch.quantile(iso, 0.95)), float(torch.quantile(space, 0.95))
-    p_space = (1 + (space[:, None, None] >= cos.abs()[None]).sum(0)) / (1 + n_random)
-    p_iso = (1 + (iso[:, None, None] >= cos.abs()[None]).sum(0)) / (1 + n_random)
+    p_space, p_iso = empirical_p(cos.abs(), space), empirical_p(cos.abs(), iso)
     iu = torch.triu_indices(len(labels), len(labels), 1)
     flat_p = p_tail[iu[0], iu[1]]
     q = bh_adjust(flat_p) if flat_p.numel() else flat_p
@@ -268,6 +267,12 @@ def cosine_stats(
         "n_null": n,
         "n_random": n_random,
         "alpha": alpha,
+        "p_floor": {"shuffled": p_floor(n), "random": p_floor(n_random)},
+        "q_shuffled_from": Q_FROM,
+        "random_directions": {
+            "space": NULL_WHAT["covariance"],
+            "isotropic": NULL_WHAT["isotropic"],
+        },
         "verdict_rule": "orthogonal if q_shuffled (BH over the matrix of the normal-tail p "
         "p_shuffled_normal) >= alpha; else aligned/anti-aligned if p_space_random < alpha, else weak",
         "pairs": pairs,
@@ -286,7 +291,7 @@ def norm_stats(obs: Tensor, null: Tensor, labels: Sequence[str]) -> list[dict[st
                 "norm": v,
                 "null_mean": float(nl.mean()),
                 "null_sd": float(nl.std()),
-                "p": empirical_p(nl, v),
+                "p": empirical_p(v, nl),
             }
         )
     return out
@@ -348,6 +353,34 @@ def additivity(d_a: Tensor, d_b: Tensor, d_ab: Tensor) -> dict[str, float]:
     return {"relative_error": float(err), "cosine": float(cos)}
 
 
+def _clean_gap(ca: ConceptActs, clean: Tensor, spec: RelationSpec, probe) -> float:
+    """The probe's held-out readout gap between classes a and b on clean rows."""
+    rows = clean.reshape(ca.n_items, len(ca.classes), -1)[ca.split_mask(*HELDOUT)]
+    lg = probe.logits(
+        torch.cat([rows[:, ca.classes.index(spec.a)], rows[:, ca.classes.index(spec.b)]])
+    )
+    r = lg[:, 1] - lg[:, 0]
+    return float(r[: len(rows)].mean() - r[len(rows) :].mean())
+
+
+def _effect(deltas: dict[str, Tensor], base: Tensor, probes: dict, gap: dict) -> dict[str, Any]:
+    """Additivity of the activation changes and each probe's readout shift, in class gaps."""
+    read = {}
+    for label, (probe, _) in probes.items():
+        lg0 = probe.logits(base)
+        r0 = lg0[:, 1] - lg0[:, 0]
+
+        def shift(delta: Tensor, probe=probe, r0=r0, g=gap[label]) -> float:
+            lg1 = probe.logits(base + delta)
+            return float(((lg1[:, 1] - lg1[:, 0]) - r0).mean()) / max(abs(g), 1e-12)
+
+        s = {k: shift(v) for k, v in deltas.items()}
+        s["sum_of_parts"] = s["a"] + s["b"]
+        read[label] = s
+    activation = additivity(deltas["a"], deltas["b"], deltas["a+b"])
+    return {"activation": activation, "readout_shift_in_gaps": read}
+
+
 def composite(
     model,
     concepts: dict[str, ConceptActs],
@@ -355,8 +388,8 @@ def composite(
     read_hook: str,
     spec_a: RelationSpec,
     spec_b: RelationSpec,
-    scale: float = 1.0,
-    n_random: int = 3,
+    scale: float = AlgebraConfig.scale,
+    n_random: int = AlgebraConfig.n_composite_random,
     seed: int = 0,
     probe_steps: int = 100,
 ) -> dict[str, Any]:
@@ -364,78 +397,58 @@ def composite(
 
     Effects are measured as (1) changes in each relation's probe logit at `read_hook` (in units of its
     clean held-out class gap) and (2) the change of the activation at `read_hook`; additivity is the
-    relative error of effect(a + b) vs effect(a) + effect(b). Control: random vectors with the norms of a
-    and b (n_random pairs), whose additivity error is the baseline nonlinearity at that norm.
+    relative error of effect(a + b) vs effect(a) + effect(b). Control: `n_random` pairs of random
+    vectors with the norms of a and b, of each kind (isotropic; drawn from the covariance of both
+    sets' concept rows at `hook`), whose additivity error is the baseline nonlinearity at that
+    norm; `p_smaller` is the fraction of them (+1 corrected) at least as additive as a + b.
     """
     check_specs(concepts, [spec_a, spec_b])
     sets = list(dict.fromkeys([spec_a.set, spec_b.set]))
     va = scale * _train_relation(concepts[spec_a.set], hook, spec_a)
     vb = scale * _train_relation(concepts[spec_b.set], hook, spec_b)
-    docs: list = []
-    owner: list[str] = []
-    for name in sets:
-        d, _, _ = concepts[name].documents(*HELDOUT)
-        docs += d
-        owner += [name] * len(d)
-    clean_all = {
-        name: forward_concepts(model, concepts[name].docs, [read_hook], concepts[name].pool)[
-            read_hook
-        ]
+    docs = [d for name in sets for d in concepts[name].documents(*HELDOUT)[0]]
+    clean = {
+        name: forward_concepts(model, concepts[name].docs, [read_hook], concepts[name].pool)
         for name in sets
     }
-    probes = {}
+    probes, gap = {}, {}
     for spec in (spec_a, spec_b):
-        probes[spec.label] = _readout(concepts[spec.set], clean_all[spec.set], spec, probe_steps)
+        ca, rows = concepts[spec.set], clean[spec.set][read_hook]
+        probes[spec.label] = _readout(ca, rows, spec, probe_steps)
+        gap[spec.label] = _clean_gap(ca, rows, spec, probes[spec.label][0])
     pool = concepts[sets[0]].pool
+    base = forward_concepts(model, docs, [read_hook], pool)[read_hook]
 
-    def run(v: Tensor | None) -> Tensor:
-        if v is None:
-            return forward_concepts(model, docs, [read_hook], pool)[read_hook]
-        return forward_concepts(model, docs, [read_hook], pool, hook, add_at_concept(v))[read_hook]
+    def effects(a: Tensor, b: Tensor) -> list[dict[str, Any]]:
+        """Effects of k pairs (a[i], b[i]) at once: the documents repeated once per pair."""
+        k, n = len(a), len(docs)
+        runs = {}
+        for name, v in (("a", a), ("b", b), ("a+b", a + b)):
+            edit = add_at_concept(v.repeat_interleave(n, 0))
+            rows = forward_concepts(model, docs * k, [read_hook], pool, hook, edit)[read_hook]
+            runs[name] = rows.reshape(k, n, -1) - base
+        return [_effect({m: r[i] for m, r in runs.items()}, base, probes, gap) for i in range(k)]
 
-    base = run(None)
-
-    def gaps() -> dict[str, float]:
-        out = {}
-        for spec in (spec_a, spec_b):
-            ca = concepts[spec.set]
-            rows = clean_all[spec.set].reshape(ca.n_items, len(ca.classes), -1)[
-                ca.split_mask(*HELDOUT)
-            ]
-            lg = probes[spec.label][0].logits(
-                torch.cat([rows[:, ca.classes.index(spec.a)], rows[:, ca.classes.index(spec.b)]])
-            )
-            r = lg[:, 1] - lg[:, 0]
-            n = len(rows)
-            out[spec.label] = float(r[:n].mean() - r[n:].mean())
-        return out
-
-    gap = gaps()
-
-    def effects(va_: Tensor, vb_: Tensor) -> dict[str, Any]:
-        d = {k: run(v) - base for k, v in (("a", va_), ("b", vb_), ("a+b", va_ + vb_))}
-        read = {}
-        for spec in (spec_a, spec_b):
-            probe = probes[spec.label][0]
-
-            def shift(delta: Tensor, probe=probe, g=gap[spec.label]) -> float:
-                lg0, lg1 = probe.logits(base), probe.logits(base + delta)
-                diff = (lg1[:, 1] - lg1[:, 0]) - (lg0[:, 1] - lg0[:, 0])
-                return float(diff.mean()) / max(abs(g), 1e-12)
-
-            s = {k: shift(v) for k, v in d.items()}
-            s["sum_of_parts"] = s["a"] + s["b"]
-            read[spec.label] = s
-        return {"activation": additivity(d["a"], d["b"], d["a+b"]), "readout_shift_in_gaps": read}
-
-    observed = effects(va, vb)
+    observed = effects(va[None], vb[None])[0]
+    obs_err = observed["activation"]["relative_error"]
     gen = torch.Generator().manual_seed(seed)
-    controls = []
-    for _ in range(n_random):
-        ra = torch.randn(va.shape, generator=gen)
-        rb = torch.randn(vb.shape, generator=gen)
-        controls.append(effects(ra * va.norm() / ra.norm(), rb * vb.norm() / rb.norm()))
-    ctrl_err = torch.tensor([c["activation"]["relative_error"] for c in controls])
+    rows = torch.cat([concepts[name].stacked(hook)[0] for name in sets])
+    controls, errors = {}, {}
+    for kind in NULL_KINDS:
+        if n_random < 1:
+            break
+        u = null_directions(kind, 2 * n_random, rows, gen).float()
+        controls[kind] = effects(u[0::2] * va.norm(), u[1::2] * vb.norm())
+        err = torch.tensor([c["activation"]["relative_error"] for c in controls[kind]])
+        errors[kind] = {
+            "what": NULL_WHAT[kind],
+            "n": len(err),
+            "mean": float(err.mean()),
+            "min": float(err.min()),
+            "p_smaller": empirical_p(obs_err, err, greater=False),
+            "p_floor": p_floor(len(err)),
+        }
+    iso = [c["activation"]["relative_error"] for c in controls.get("isotropic", [])]
     return {
         "a": spec_a.label,
         "b": spec_b.label,
@@ -451,10 +464,10 @@ def composite(
         "clean_gap": gap,
         "observed": observed,
         "random_control": controls,
-        "random_relative_error_mean": float(ctrl_err.mean()) if len(ctrl_err) else None,
-        "additive": bool(observed["activation"]["relative_error"] <= float(ctrl_err.max()))
-        if len(ctrl_err)
-        else None,
+        "random_relative_error": errors,
+        "random_relative_error_mean": sum(iso) / len(iso) if iso else None,
+        "additive": bool(obs_err <= max(iso)) if iso else None,
+        "additive_rule": "relative error no larger than the largest of the isotropic controls'",
         "n_docs": len(docs),
     }
 
@@ -463,50 +476,41 @@ def composite(
 
 
 def run(cfg, ctx: RelationsContext) -> dict[str, Any]:
-    """Relation algebra at every hook, plus the configured composites."""
-    specs = [RelationSpec.parse(s) for s in (cfg.get("relations") or [])] or None
-    out: dict[str, Any] = {"by_hook": {}}
+    """Relation algebra at every hook, plus the composites of its section (`AlgebraConfig`)."""
+    c = settings(cfg, AlgebraConfig)
+    specs = [RelationSpec.parse(s) for s in (c.relations or [])] or None
+    pairs = [
+        tuple(RelationSpec.parse(x) for x in pair) for pair in (c.composites or DEFAULT_COMPOSITES)
+    ]
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"composite {[p.label for p in pair]} must be two relations 'set:a-b'")
+    pairs, skipped = harvested_only(
+        [(f"{a.label} + {b.label}", (a.set, b.set), (a, b)) for a, b in pairs],
+        ctx.concepts,
+        explicit=c.composites is not None,
+        what="composite",
+    )
+    out: dict[str, Any] = {"by_hook": {}, "composites_skipped": skipped}
     for hook in ctx.hooks:
         res = relation_algebra(
-            ctx.concepts,
-            hook,
-            specs,
-            n_null=int(cfg.get("n_null", 500)),
-            n_random=int(cfg.get("n_random", 2000)),
-            alpha=float(cfg.get("alpha", 0.05)),
-            seed=ctx.seed,
+            ctx.concepts, hook, specs, c.n_null, c.n_random, c.alpha, seed=ctx.seed
         )
         res.pop("_vectors")
-        comps = []
-        for pair in cfg.get("composites") or []:
-            a, b = (RelationSpec.parse(p) for p in pair)
-            if a.set not in ctx.concepts or b.set not in ctx.concepts:
-                log.warning("composite %s + %s skipped: set not harvested", a.label, b.label)
-                continue
-            comps.append(
-                composite(
-                    ctx.model,
-                    ctx.concepts,
-                    hook,
-                    read_hook_for(ctx.model, hook, int(cfg.get("read_offset", 4))),
-                    a,
-                    b,
-                    scale=float(cfg.get("scale", 1.0)),
-                    n_random=int(cfg.get("n_composite_random", 3)),
-                    seed=ctx.seed,
-                )
+        read_hook = resid_post_after(hook, c.read_offset, ctx.model.cfg.n_layers) if pairs else None
+        res["composites"] = [
+            composite(
+                ctx.model,
+                ctx.concepts,
+                hook,
+                read_hook,
+                a,
+                b,
+                scale=c.scale,
+                n_random=c.n_composite_random,
+                seed=ctx.seed,
             )
-        res["composites"] = comps
+            for a, b in pairs
+        ]
         out["by_hook"][hook] = res
     return out
-
-
-def read_hook_for(model, hook: str, offset: int) -> str:
-    """The resid_post hook `offset` layers after `hook`'s layer (capped at the last layer)."""
-    from analoglock.hooks import hook_layer
-
-    layer = hook_layer(hook)
-    if layer is None:
-        raise ValueError(f"Hook {hook!r} is not inside a block; give read_hook explicitly")
-    target = min(layer + max(offset, 0), model.cfg.n_layers - 1)
-    return f"blocks.{target}.hook_resid_post"

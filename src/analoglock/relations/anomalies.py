@@ -31,9 +31,12 @@ from analoglock.relations.algebra import (
     shuffle_labels,
     space_abs_cosines,
 )
-from analoglock.relations.concepts import concept_vectors, empirical_p
+from analoglock.relations.common import basis_at, concept_rows, svd_basis
+from analoglock.relations.config import AnomaliesConfig, settings
 from analoglock.relations.context import ConceptActs, RelationsContext
-from analoglock.relations.hierarchy import cohens_d, fit_default_basis
+from analoglock.relations.hierarchy import DEFAULT_N_FEATURES, cohens_d
+from analoglock.relations.vectors import concept_vectors
+from analoglock.stats import empirical_p, random_unit_directions
 
 MAD_SCALE = 1.4826  # makes the MAD a consistent sd estimate under normality
 
@@ -56,6 +59,18 @@ def hoyer(x: Tensor) -> Tensor:
     return (math.sqrt(n) - ratio) / (math.sqrt(n) - 1)
 
 
+# what each kind's null is, written beside every row of that kind
+NULLS = {
+    "norm": "class labels swapped within matched items",
+    "cosine": "class labels shuffled across rows",
+    "orthogonality": "random directions of the space (the concept rows' covariance)",
+    "sparsity": "isotropic random directions",
+    "effect size": "class labels shuffled across train rows",
+    "separability": "class labels shuffled across rows",
+    "causal separability": "isotropic random pushes of the contrast vector's norm",
+}
+
+
 def _entry(
     kind: str, target: str, hook: str, value: float, null: Tensor, two_sided: bool = True
 ) -> dict[str, Any]:
@@ -63,11 +78,12 @@ def _entry(
     z = robust_z(value, null)
     med = float(null.double().median())
     dev = (null.double() - med).abs()
-    p = empirical_p(dev, abs(value - med)) if two_sided else empirical_p(null.double(), value)
+    p = empirical_p(abs(value - med), dev) if two_sided else empirical_p(value, null.double())
     return {
         "kind": kind,
         "target": target,
         "hook": hook,
+        "null": NULLS[kind],
         "value": value,
         "null_median": med,
         "null_n": int(null.numel()),
@@ -106,10 +122,11 @@ def battery(
             pair = f"{labels[i]} ~ {labels[j]}"
             rows.append(_entry("cosine", pair, hook, float(cos[i, j]), cnull[:, i, j]))
             rows.append(_entry("orthogonality", pair, hook, float(cos[i, j].abs()), rnd))
-    if basis is None or getattr(basis, "hook", hook) not in ("", hook):
-        basis = fit_default_basis(dict(concepts), hook)
+    basis = basis_at(basis, hook) or svd_basis(
+        concept_rows(concepts, hook), DEFAULT_N_FEATURES, hook
+    )
     dirs = basis.directions.double()
-    rand_dirs = torch.randn(n_random, obs.shape[-1], generator=gen, dtype=torch.float64)
+    rand_dirs = random_unit_directions(n_random, obs.shape[-1], gen)  # Hoyer is scale-free
     rand_sparsity = hoyer(rand_dirs @ dirs.T)
     for i in range(len(specs)):
         rows.append(
@@ -181,31 +198,24 @@ def rank(rows: list[dict[str, Any]], top: int | None = None) -> list[dict[str, A
 
 
 def run(cfg, ctx: RelationsContext) -> dict[str, Any]:
-    """The battery at every hook, ranked; reuses the separability results when that analysis ran."""
+    """The battery at every hook (`AnomaliesConfig`), ranked; reuses the separability results
+    when that analysis ran."""
+    c = settings(cfg, AnomaliesConfig)
     sep = (ctx.results.get("separability") or {}).get("by_hook", {})
     rows = []
     for hook in ctx.hooks:
         rows += battery(
-            ctx.concepts,
-            hook,
-            ctx.basis,
-            sep.get(hook),
-            n_null=int(cfg.get("n_null", 200)),
-            n_random=int(cfg.get("n_random", 500)),
-            seed=ctx.seed,
+            ctx.concepts, hook, ctx.basis, sep.get(hook), c.n_null, c.n_random, seed=ctx.seed
         )
     ranked = rank(rows)
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
     return {
         "n_measurements": len(rows),
         "rule": "robust z = (value - null median) / (1.4826 * null MAD); ranked by |z|",
-        "ranked": ranked[: int(cfg.get("top", 50))],
+        "nulls": {k: NULLS[k] for k in kinds},
+        "ranked": ranked[: c.top],
         # Kinds differ in scale (any real concept beats a shuffled-label effect-size null by far),
         # so the top of each kind is listed too.
-        "top_by_kind": {
-            k: [r for r in ranked if r["kind"] == k][:5]
-            for k in dict.fromkeys(r["kind"] for r in rows)
-        },
-        "counts_by_kind": {
-            k: sum(r["kind"] == k for r in rows) for k in dict.fromkeys(r["kind"] for r in rows)
-        },
+        "top_by_kind": {k: [r for r in ranked if r["kind"] == k][:5] for k in kinds},
+        "counts_by_kind": {k: sum(r["kind"] == k for r in rows) for k in kinds},
     }

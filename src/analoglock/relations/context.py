@@ -1,18 +1,62 @@
 """What every relations analysis receives: the model, hooks, harvested concept sets, a basis.
 
-Owns the `RelationsContext` handed to each runner (`runner(cfg_section, ctx) -> dict`) and the
-`ConceptActs` container of one harvested contrast set. Knows nothing of how the activations were
-harvested (see `concepts.py`) or what the analyses compute.
+Owns the `RelationsContext` handed to each runner (`runner(cfg_section, ctx) -> dict`), the
+`ConceptActs` container of one harvested contrast set, and the one parser of `set:a-b` pair specs.
+Knows nothing of how the activations were harvested (see `concepts.py`) or what the analyses
+compute.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
+
+
+def split_pair_spec(text: str, what: str, form: str) -> tuple[str, str, str]:
+    """`set:a-b` -> (set, a, b), stripped; a ValueError naming the expected form otherwise."""
+    try:
+        name, rel = str(text).split(":", 1)
+        a, b = rel.split("-", 1)
+    except ValueError as err:
+        raise ValueError(
+            f"{what} {text!r} must look like {form}, e.g. 'gender:male-female'"
+        ) from err
+    return name.strip(), a.strip(), b.strip()
+
+
+def harvested_only(
+    items: Sequence[tuple[str, Sequence[str], T]],
+    have: Iterable[str],
+    explicit: bool,
+    what: str,
+) -> tuple[list[T], list[str]]:
+    """The items (label, sets they need, item) whose sets were all harvested, and what was left out.
+
+    An item the user asked for (`explicit`) whose set was not harvested is an error; a default one
+    is left out and named in the returned list, which the analysis reports beside its results.
+    """
+    have = set(have)
+    kept, skipped = [], []
+    for label, sets, item in items:
+        missing = sorted({s for s in sets if s not in have})
+        if not missing:
+            kept.append(item)
+            continue
+        msg = f"{what} {label}: set {', '.join(map(repr, missing))} not harvested"
+        if explicit:
+            raise ValueError(
+                f"{msg} (have {', '.join(sorted(have)) or 'none'}); add it to concepts= or drop "
+                f"this {what} from the config"
+            )
+        skipped.append(msg)
+    return kept, skipped
 
 
 @dataclass
@@ -116,3 +160,12 @@ class RelationsContext:
                 f"Concept set {name!r} was not harvested; have {', '.join(self.concepts)}"
             )
         return self.concepts[name]
+
+    def relation(self, spec: str, hook: str) -> Annotated[Tensor, "d_model"]:
+        """The relation vector `set:a-b`: mean of class a minus mean of class b at `hook`."""
+        name, a, b = split_pair_spec(spec, "Relation", "'set:a-b'")
+        means = self.concept(name).means(hook)
+        for c in (a, b):
+            if c not in means:
+                raise ValueError(f"{name} has no class {c!r}; classes: {', '.join(means)}")
+        return means[a] - means[b]

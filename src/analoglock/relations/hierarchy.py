@@ -11,7 +11,8 @@ species, species vs generic and animal vs reference; the features of a basis (gi
 on the harvested concept rows) that separate each species, ranked by effect size with a
 max-statistic permutation p-value; and each top feature's measured effect: ablate it to the other
 species' mean code at the concept tokens and read the species probe at a later layer, beside
-ablations of random other features; and, with `analoglock.patching`, the upstream features (an SVD a
+edits of the same size (per concept token, the norm the ablation changes it by) along random
+directions, isotropic and drawn from the concept rows' covariance; and, with `analoglock.patching`, the upstream features (an SVD a
 few layers earlier) whose exact ablation moves those top features, beside random-direction controls.
 Knows nothing of reports.
 """
@@ -25,18 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from analoglock.hooks import hook_layer, resid_post_after
 from analoglock.relations.algebra import shuffle_labels
-from analoglock.relations.concepts import (
-    HELDOUT,
+from analoglock.relations.common import basis_at, concept_rows, svd_basis
+from analoglock.relations.concepts import HELDOUT, forward_concepts
+from analoglock.relations.config import HierarchyConfig, settings
+from analoglock.relations.context import ConceptActs, RelationsContext
+from analoglock.relations.vectors import (
     balanced_accuracy,
     concept_vectors,
-    empirical_p,
     fit_probe,
-    forward_concepts,
     projection_accuracy,
-    random_unit,
 )
-from analoglock.relations.context import ConceptActs, RelationsContext
+from analoglock.stats import NULL_KINDS, NULL_WHAT, empirical_p, null_directions
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +102,13 @@ def structure_stats(
                 "value": v,
                 "null_mean": float(nl.mean()),
                 "null_sd": float(nl.std()),
-                "p": empirical_p((nl - nl.mean()).abs(), abs(v - float(nl.mean()))),
+                "p": empirical_p(abs(v - float(nl.mean())), (nl - nl.mean()).abs()),
             }
         )
     return rows
 
 
-def fit_default_basis(concepts: dict[str, ConceptActs], hook: str, n_components: int = 64):
-    """An SVD basis fit on every harvested concept row at `hook` (when no basis is given)."""
-    from analoglock.bases import SVDBasis
-
-    rows = torch.cat([ca.stacked(hook)[0] for ca in concepts.values()])
-    k = min(n_components, *rows.shape)
-    return SVDBasis(k, hook=hook).fit(rows)
+DEFAULT_N_FEATURES = 64  # SVD directions fit on the concept rows when no basis is given
 
 
 def cohens_d(a: Tensor, b: Tensor) -> Tensor:
@@ -149,7 +145,7 @@ def feature_effects(
             "feature": int(f),
             "d_train": float(d_tr[f]),
             "d_heldout": float(d_te[f]),
-            "p_maxstat": empirical_p(null_max, float(d_tr[f].abs())),
+            "p_maxstat": empirical_p(float(d_tr[f].abs()), null_max),
             "mean_code_pos": float(sub[tr, 0, f].mean()),
             "mean_code_neg": float(sub[tr, 1:, f].mean()),
         }
@@ -157,15 +153,33 @@ def feature_effects(
     ]
 
 
+def _ablation_delta(basis, x: Tensor, feature: int, target: float) -> Tensor:
+    """decode(c') - decode(c): the change that sets one feature's code to `target`."""
+    c = basis.encode(x.float())
+    c2 = c.clone()
+    c2[..., feature] = target
+    return basis.decode(c2) - basis.decode(c)
+
+
 def ablate_feature_edit(basis, feature: int, target: float):
     """Edit setting one feature's code to `target` at concept tokens (x + decode(c') - decode(c))."""
 
     def edit(x: Tensor, cmask: Tensor, doc_idx: Tensor) -> Tensor:
-        c = basis.encode(x.float())
-        c2 = c.clone()
-        c2[..., feature] = target
-        delta = (basis.decode(c2) - basis.decode(c)).to(x.dtype)
+        delta = _ablation_delta(basis, x, feature, target).to(x.dtype)
         return x + cmask[..., None].to(x.dtype) * delta
+
+    return edit
+
+
+def matched_norm_edit(basis, feature: int, target: float, directions: Tensor, n_docs: int):
+    """The size-matched control of `ablate_feature_edit`: at each concept token, a random unit
+    direction times the norm the ablation would change that token by. The documents are repeated
+    once per direction; document i takes directions[i // n_docs]."""
+
+    def edit(x: Tensor, cmask: Tensor, doc_idx: Tensor) -> Tensor:
+        size = _ablation_delta(basis, x, feature, target).norm(dim=-1, keepdim=True)
+        u = directions.to(x.device)[doc_idx.to(x.device) // n_docs][:, None, :]
+        return x + cmask[..., None].to(x.dtype) * (size * u).to(x.dtype)
 
     return edit
 
@@ -185,13 +199,15 @@ def species_ablations(
 ) -> dict[str, Any]:
     """Per species: ablate each top feature (to the other species' train mean code) on held-out docs of
     that species and measure the drop of the species probe readout at `read_hook`, in class gaps,
-    beside ablations of random non-top features."""
+    beside `n_control` edits of the same size per concept token along random directions of each
+    kind (isotropic; drawn from the covariance of the set's concept rows at `hook`)."""
     tr, te = ca.split_mask("train"), ca.split_mask(*HELDOUT)
     k = len(ca.classes)
     clean = forward_concepts(model, ca.docs, [read_hook], ca.pool)[read_hook].reshape(
         ca.n_items, k, -1
     )
-    docs_all = ca.docs
+    x_hook = ca.items_tensor(hook)
+    space = ca.stacked(hook)[0]
     out = {}
     for s in species:
         si = ca.classes.index(s)
@@ -202,41 +218,45 @@ def species_ablations(
         probe = fit_probe(x, y, 2, steps=probe_steps)
 
         def score(rows: Tensor, probe=probe) -> Tensor:
-            lg = probe.logits(rows)
-            return lg[:, 1] - lg[:, 0]
+            lg = probe.logits(rows.reshape(-1, rows.shape[-1]))
+            return (lg[:, 1] - lg[:, 0]).reshape(rows.shape[:-1])
 
         real_neg = clean[te][:, others].reshape(-1, clean.shape[-1])
         acc = balanced_accuracy(
             probe.predict(torch.cat([clean[te, si], real_neg])),
             torch.cat([torch.ones(int(te.sum())), torch.zeros(len(real_neg))]).long(),
         )
-        gap = float(score(clean[te, si]).mean() - score(real_neg).mean())
-        docs = [docs_all[i * k + si] for i in range(ca.n_items) if bool(te[i])]
+        clean_gap = float(score(clean[te, si]).mean() - score(real_neg).mean())
+        gap = max(abs(clean_gap), 1e-9)
+        docs = [ca.docs[i * k + si] for i in range(ca.n_items) if bool(te[i])]
         base = float(score(clean[te, si]).mean())
-
-        def effect(
-            f: int, s_i=si, others=others, docs=docs, base=base, gap=gap, score=score
-        ) -> float:
+        feats = []
+        for t in top[s]:
+            f = t["feature"]
             target = float(codes[tr][:, others, f].mean())
-            rows = forward_concepts(
-                model, docs, [read_hook], ca.pool, hook, ablate_feature_edit(basis, f, target)
-            )[read_hook]
-            return (float(score(rows).mean()) - base) / max(abs(gap), 1e-9)
-
-        feats = [dict(t, ablation_effect_in_gaps=effect(t["feature"])) for t in top[s]]
-        chosen = {t["feature"] for t in top[s]}
-        pool = [f for f in range(codes.shape[-1]) if f not in chosen]
-        pick = torch.randperm(len(pool), generator=gen)[:n_control].tolist()
-        ctrl = torch.tensor([effect(pool[j]) for j in pick])
-        for t in feats:
-            t["p_vs_random_features"] = (
-                empirical_p(ctrl.abs(), abs(t["ablation_effect_in_gaps"])) if len(ctrl) else None
-            )
+            edit = ablate_feature_edit(basis, f, target)
+            rows = forward_concepts(model, docs, [read_hook], ca.pool, hook, edit)[read_hook]
+            effect = (float(score(rows).mean()) - base) / gap
+            norm = _ablation_delta(basis, x_hook[te, si], f, target).norm(dim=-1).mean()
+            row = dict(t, ablation_effect_in_gaps=effect, edit_norm_mean=float(norm))
+            row["random_equal_norm"] = {}
+            for kind in NULL_KINDS if n_control > 0 else ():
+                u = null_directions(kind, n_control, space, gen).float()
+                ctrl_edit = matched_norm_edit(basis, f, target, u, len(docs))
+                rows = forward_concepts(
+                    model, docs * n_control, [read_hook], ca.pool, hook, ctrl_edit
+                )[read_hook].reshape(n_control, len(docs), -1)
+                ctrl = (score(rows).mean(1) - base) / gap
+                row["random_equal_norm"][kind] = {
+                    "effects_in_gaps": ctrl.tolist(),
+                    "mean_abs": float(ctrl.abs().mean()),
+                    "p": empirical_p(abs(effect), ctrl.abs()),
+                }
+            feats.append(row)
         out[s] = {
             "probe_heldout_accuracy": acc,
-            "clean_gap": gap,
+            "clean_gap": clean_gap,
             "features": feats,
-            "random_feature_effects": ctrl.tolist(),
             "n_docs": len(docs),
         }
     return out
@@ -259,8 +279,6 @@ def upstream_drivers(
     exactly with `analoglock.patching` on the species' held-out sentences (ablated at every
     position, measured at the concept word's last token), beside its random-direction control."""
     from analoglock.activations import harvest
-    from analoglock.bases import SVDBasis
-    from analoglock.hooks import hook_layer
     from analoglock.patching import Ablate, Segment, build_prompts, clean_runs, exact_effects
     from analoglock.patching.segment import PatchSetupError
     from analoglock.positions import SpanTokens
@@ -276,7 +294,7 @@ def upstream_drivers(
         return {"available": False, "note": f"patching cannot run {h1} -> {hook}: {err}"}
     acts = harvest(model, ca.docs, [h1], ConceptTokens(), progress=False)
     rows = pool_rows(acts, len(ca.docs), ca.pool)[h1]
-    up = SVDBasis(min(n_upstream, *rows.shape), hook=h1).fit(rows)
+    up = svd_basis(rows, n_upstream, h1)
     te = ca.split_mask(*HELDOUT)
     k = len(ca.classes)
     measure = SpanTokens(labels=["concept"], which="last") if ca.docs[0].spans else None
@@ -314,16 +332,16 @@ def hierarchy(
     concepts: dict[str, ConceptActs],
     hook: str,
     read_hook: str,
-    set_name: str = "animals",
-    generic: str = "animal",
+    set_name: str = HierarchyConfig.set,
+    generic: str = HierarchyConfig.generic,
     reference: Sequence[str] = (),
     basis=None,
-    top_k: int = 5,
-    n_null: int = 200,
-    n_control: int = 24,
+    top_k: int = HierarchyConfig.top_k,
+    n_null: int = HierarchyConfig.n_null,
+    n_control: int = HierarchyConfig.n_control,
     seed: int = 0,
     probe_steps: int = 100,
-    upstream_offset: int = 4,
+    upstream_offset: int = HierarchyConfig.upstream_offset,
 ) -> dict[str, Any]:
     """The hierarchy report for one set at one hook (see module docstring)."""
     if set_name not in concepts:
@@ -362,17 +380,23 @@ def hierarchy(
         xte = torch.cat([an_te, ref_te])
         yte = torch.cat([torch.ones(len(an_te)), torch.zeros(len(ref_te))]).long()
         acc = projection_accuracy(direction, xtr, ytr, xte, yte)
-        rand = torch.tensor(
-            [
-                projection_accuracy(r.float(), xtr, ytr, xte, yte)
-                for r in random_unit(x.shape[-1], gen, 200)
-            ]
-        )
+        rand = {
+            kind: torch.tensor(
+                [
+                    projection_accuracy(r.float(), xtr, ytr, xte, yte)
+                    for r in null_directions(kind, 200, xtr, gen)
+                ]
+            )
+            for kind in NULL_KINDS
+        }
         result["animal_direction"] = {
             "norm": float(direction.norm()),
             "heldout_accuracy_vs_reference": acc,
-            "random_direction_accuracy_mean": float(rand.mean()),
-            "p_random": empirical_p(rand, acc),
+            "random_direction_accuracy_mean": float(rand["isotropic"].mean()),
+            "p_random": empirical_p(acc, rand["isotropic"]),
+            "random_covariance_accuracy_mean": float(rand["covariance"].mean()),
+            "p_random_covariance": empirical_p(acc, rand["covariance"]),
+            "random_directions": {k: NULL_WHAT[k] for k in NULL_KINDS},
             "note": "reference sets differ in template content too; the direction mixes 'animal' with "
             "whatever else separates those sentences",
         }
@@ -398,9 +422,9 @@ def hierarchy(
                 "probe_heldout_accuracy": cv["methods"]["probe"]["heldout_accuracy"],
             }
     result["accuracy"] = acc
-    own_basis = basis is None or getattr(basis, "hook", hook) not in ("", hook)
+    own_basis = basis_at(basis, hook) is None
     if own_basis:
-        basis = fit_default_basis(concepts, hook)
+        basis = svd_basis(concept_rows(concepts, hook), DEFAULT_N_FEATURES, hook)
     result["basis"] = {
         "kind": basis.kind,
         "n_features": basis.n_features,
@@ -430,24 +454,23 @@ def hierarchy(
 
 
 def run(cfg, ctx: RelationsContext) -> dict[str, Any]:
-    """Hierarchy report at every hook for the configured set (default animals)."""
-    from analoglock.relations.algebra import read_hook_for
-
+    """Hierarchy report at every hook for the configured set (`HierarchyConfig`)."""
+    c = settings(cfg, HierarchyConfig)
     out = {}
     for hook in ctx.hooks:
         out[hook] = hierarchy(
             ctx.model,
             ctx.concepts,
             hook,
-            cfg.get("read_hook") or read_hook_for(ctx.model, hook, int(cfg.get("read_offset", 4))),
-            set_name=str(cfg.get("set", "animals")),
-            generic=str(cfg.get("generic", "animal")),
-            reference=list(cfg.get("reference") or []),
+            c.read_hook or resid_post_after(hook, c.read_offset, ctx.model.cfg.n_layers),
+            set_name=c.set,
+            generic=c.generic,
+            reference=list(c.reference),
             basis=ctx.basis,
-            top_k=int(cfg.get("top_k", 5)),
-            n_null=int(cfg.get("n_null", 200)),
-            n_control=int(cfg.get("n_control", 24)),
-            upstream_offset=int(cfg.get("upstream_offset", 4)),
+            top_k=c.top_k,
+            n_null=c.n_null,
+            n_control=c.n_control,
+            upstream_offset=c.upstream_offset,
             seed=ctx.seed,
         )
     return {"by_hook": out}

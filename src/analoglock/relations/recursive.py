@@ -17,7 +17,8 @@ same from a and from a'" (quadruples whose answer is forced by shared targets ar
 level-2 answer is right when it is any relation of the expected family (G's members are all "the
 G relation", so they cannot be told apart by design).
 Baselines for both levels: the offset replaced by a random direction of equal norm (n_random
-draws, p-value), and the offset dropped (nearest to c alone). Knows nothing of reports.
+draws of each kind, isotropic and from the concept rows' covariance, p-values), and the offset
+dropped (nearest to c alone). Knows nothing of reports.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ from analoglock.relations.algebra import (
     all_relations,
     cosine_matrix,
     null_relations,
+    random_abs_cosines,
     relation_draws,
     relation_matrix,
     space_abs_cosines,
 )
-from analoglock.relations.concepts import empirical_p
-from analoglock.relations.context import ConceptActs, RelationsContext
+from analoglock.relations.common import concept_rows
+from analoglock.relations.config import DEFAULT_COMPARISONS, RecursiveConfig, settings
+from analoglock.relations.context import ConceptActs, RelationsContext, harvested_only
+from analoglock.stats import NULL_KINDS, NULL_WHAT, empirical_p, null_directions, p_floor
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +161,14 @@ def analogy(
     seed: int = 0,
     center: bool = True,
     groups: Mapping[str, str] | None = None,
+    space_rows: Tensor | None = None,
 ) -> dict[str, Any]:
     """Parallelogram accuracy: nearest (cosine) point to c + b - a, excluding a, b, c; with baselines.
 
     A prediction is correct when it is the expected point, or, with `groups`, any point of the
     expected point's group (level 2: every member of a consistent family is the same relation).
+    Baselines: the offset replaced by `n_random` random directions of its norm (isotropic, and,
+    with `space_rows`, drawn from their covariance too), and no offset at all.
     """
     if not quads:
         return {
@@ -185,16 +192,18 @@ def analogy(
             return pred == expected
         return groups.get(names[pred], names[pred]) == groups.get(names[expected], names[expected])
 
+    kinds = [k for k in NULL_KINDS if k == "isotropic" or space_rows is not None]
+    rand_hits = {k: torch.zeros(n_random) for k in kinds}
     rows, hits, hits_c = [], [], []
-    rand_hits = torch.zeros(n_random)
     for (a, b, c, d), fam in quads:
         ia, ib, ic, idd = (index[x] for x in (a, b, c, d))
         offset = P[ib] - P[ia]
         pred = answer(P[ic] + offset, (ia, ib, ic))
         pred_c = answer(P[ic], (ia, ib, ic))
-        for r in range(n_random):
-            z = torch.randn(P.shape[1], generator=gen, dtype=torch.float64)
-            rand_hits[r] += ok(answer(P[ic] + z * offset.norm() / z.norm(), (ia, ib, ic)), idd)
+        for kind in kinds:
+            where = space_rows if kind == "covariance" else P
+            for r, u in enumerate(null_directions(kind, n_random, where, gen)):
+                rand_hits[kind][r] += ok(answer(P[ic] + u * offset.norm(), (ia, ib, ic)), idd)
         hits.append(ok(pred, idd))
         hits_c.append(ok(pred_c, idd))
         rows.append(
@@ -210,14 +219,24 @@ def analogy(
         )
     n = len(quads)
     acc = sum(hits) / n
-    rand_acc = rand_hits / n
+    rand_acc = rand_hits["isotropic"] / n
+    extra = {}
+    if "covariance" in rand_hits and n_random:
+        cov_acc = rand_hits["covariance"] / n
+        extra = {
+            "random_covariance_offset_accuracy_mean": float(cov_acc.mean()),
+            "p_random_covariance": empirical_p(acc, cov_acc),
+        }
     return {
         "n": n,
         "n_candidates": len(names),
         "accuracy": acc,
         "random_offset_accuracy_mean": float(rand_acc.mean()) if n_random else None,
         "random_offset_accuracy_q95": float(torch.quantile(rand_acc, 0.95)) if n_random else None,
-        "p_random": empirical_p(rand_acc, acc) if n_random else None,
+        "p_random": empirical_p(acc, rand_acc) if n_random else None,
+        **extra,
+        "p_floor": p_floor(n_random) if n_random else None,
+        "random_offsets": {k: NULL_WHAT[k] for k in kinds},
         "no_offset_accuracy": sum(hits_c) / n,
         "chance": 1 / max(len(names) - 3, 1),
         "by_family": {
@@ -249,6 +268,7 @@ def compare_relations(
         space_abs_cosines(rows, n_random, gen)
         * torch.where(torch.rand(n_random, generator=gen) < 0.5, -1.0, 1.0).double()
     )
+    iso_abs = random_abs_cosines(rows.shape[-1], n_random, gen)
     out = []
     for s1, s2 in comparisons:
         i, j = specs.index(s1), specs.index(s2)
@@ -269,15 +289,19 @@ def compare_relations(
                 "cos": c,
                 "cos_null_shuffled_mean": float(c_null.mean()),
                 "p_cos_shuffled": empirical_p(
-                    (c_null - c_null.mean()).abs(), abs(c - float(c_null.mean()))
+                    abs(c - float(c_null.mean())), (c_null - c_null.mean()).abs()
                 ),
                 "cos_random_q95": float(torch.quantile(rnd_cos.abs(), 0.95)),
-                "p_cos_random": empirical_p(rnd_cos.abs(), abs(c)),
+                "p_cos_random": empirical_p(abs(c), rnd_cos.abs()),
+                "cos_isotropic_q95": float(torch.quantile(iso_abs, 0.95)),
+                "p_cos_isotropic": empirical_p(abs(c), iso_abs),
                 "normalised_difference": d,
                 "normalised_difference_null_shuffled_mean": float(d_null.mean()),
-                "p_smaller_than_shuffled": empirical_p(d_null, d, greater=False),
+                "p_smaller_than_shuffled": empirical_p(d, d_null, greater=False),
                 "normalised_difference_random_mean": float(d_rand.mean()),
-                "p_smaller_than_random": empirical_p(d_rand, d, greater=False),
+                "p_smaller_than_random": empirical_p(d, d_rand, greater=False),
+                "random": "random directions of the space (the concept rows' covariance); "
+                "p_cos_isotropic: isotropic ones",
                 "norms": [float(n1), float(n2)],
             }
         )
@@ -338,27 +362,33 @@ def recursive(
     hook: str,
     families: Mapping[str, Sequence[str]] | None = None,
     comparisons: Sequence[Sequence[str]] = (),
-    n_null: int = 500,
-    n_random: int = 200,
+    n_null: int = RecursiveConfig.n_null,
+    n_random: int = RecursiveConfig.n_random,
     seed: int = 0,
+    strict: bool = True,
 ) -> dict[str, Any]:
-    """Comparisons, clusters, and level-1 / level-2 analogy accuracies at one hook."""
+    """Comparisons, clusters, and level-1 / level-2 analogy accuracies at one hook.
+
+    A comparison naming a set that was not harvested is an error when `strict`, else it is left
+    out and listed under "comparisons_skipped"."""
     pts = class_points(concepts, hook)
     fams = usable_families(parse_families(families or {}), pts)
-    comps = []
+    specs = []
     for pair in comparisons:
         if len(pair) != 2:
             raise ValueError(f"comparison {pair!r} must be two relations 'set:a-b'")
         a, b = (RelationSpec.parse(str(p)) for p in pair)
-        if a.set in concepts and b.set in concepts:
-            comps.append((a, b))
+        specs.append((f"{a.label} vs {b.label}", (a.set, b.set), (a, b)))
+    comps, skipped = harvested_only(specs, concepts, explicit=strict, what="comparison")
     rel_pts = relation_points(fams, pts)
+    rows = concept_rows(concepts, hook)
     return {
         "hook": hook,
         "families": {f: [f"{a}>{b}" for a, b in p] for f, p in fams.items()},
         "comparisons": compare_relations(concepts, hook, comps, n_null, seed=seed),
+        "comparisons_skipped": skipped,
         "clusters": cluster_relations(concepts, hook, min(n_null, 200), seed),
-        "level1": analogy(pts, level1_quads(fams), n_random, seed),
+        "level1": analogy(pts, level1_quads(fams), n_random, seed, space_rows=rows),
         # relation vectors are differences already: no shared offset to centre away
         "level2": analogy(
             rel_pts,
@@ -367,24 +397,26 @@ def recursive(
             seed + 1,
             center=False,
             groups=relation_groups(fams),
+            space_rows=rows,
         ),
     }
 
 
 def run(cfg, ctx: RelationsContext) -> dict[str, Any]:
-    """Relations of relations at every hook."""
-    families = dict(cfg.get("families") or {})
-    comparisons = [list(p) for p in (cfg.get("comparisons") or [])]
+    """Relations of relations at every hook (`RecursiveConfig`)."""
+    c = settings(cfg, RecursiveConfig)
+    comparisons = [list(p) for p in (c.comparisons or DEFAULT_COMPARISONS)]
     return {
         "by_hook": {
             hook: recursive(
                 ctx.concepts,
                 hook,
-                families,
+                dict(c.families),
                 comparisons,
-                n_null=int(cfg.get("n_null", 500)),
-                n_random=int(cfg.get("n_random", 200)),
+                n_null=c.n_null,
+                n_random=c.n_random,
                 seed=ctx.seed,
+                strict=c.comparisons is not None,
             )
             for hook in ctx.hooks
         }

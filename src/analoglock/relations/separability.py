@@ -6,8 +6,10 @@ the two classes' projections. We add it (+scale) and subtract it (-scale) at the
 every held-out document of every set, run the model on, and read every contrast B with a linear
 probe fit on clean train rows at a later `read_hook`:
 S[A, B] = (readout_B(+) - readout_B(-)) / (2 * clean held-out gap of B), so S[A, A] = 1 means the push
-moves A's readout by one full class gap. Control: random directions with the norm of A's vector,
-pushed the same way; every entry carries a p-value against the pooled |S| of those controls.
+moves A's readout by one full class gap. Controls: random directions with the norm of A's vector,
+pushed the same way, of two kinds (isotropic, and drawn from the covariance of the concept rows at
+the edit hook); every entry carries a p-value against the pooled |S| of each kind's controls, and
+`separable` needs both nulls to reject.
 Linear representation predicts a large diagonal and small off-diagonal entries (except where two
 contrasts really share a direction, which the algebra module measures). Knows nothing of reports.
 """
@@ -23,17 +25,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from analoglock.relations.concepts import (
-    HELDOUT,
-    add_at_concept,
-    balanced_accuracy,
-    contrast_name,
-    contrast_rows,
-    fit_probe,
-    forward_concepts,
+from analoglock.hooks import resid_post_after
+from analoglock.relations.common import concept_rows
+from analoglock.relations.concepts import HELDOUT, add_at_concept, forward_concepts
+from analoglock.relations.config import DEFAULT_CONTRASTS, SeparabilityConfig, settings
+from analoglock.relations.context import (
+    ConceptActs,
+    RelationsContext,
+    harvested_only,
     split_pair_spec,
 )
-from analoglock.relations.context import ConceptActs, RelationsContext
+from analoglock.relations.vectors import balanced_accuracy, contrast_name, contrast_rows, fit_probe
+from analoglock.stats import NULL_KINDS, NULL_WHAT, empirical_p, null_directions, p_floor
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ def separability(
     read_hook: str,
     contrasts: Sequence[Contrast] | None = None,
     scale: float = 1.0,
-    n_random: int = 2,
+    n_random: int = SeparabilityConfig.n_random,
     seed: int = 0,
     probe_steps: int = 100,
     alpha: float = 0.05,
@@ -170,25 +173,23 @@ def separability(
         return (readouts(scale * v) - readouts(-scale * v)) / (2 * gap_t)
 
     gen = torch.Generator().manual_seed(seed)
-    n = len(contrasts)
+    n, m = len(contrasts), max(int(n_random), 0)
+    space = concept_rows({name: concepts[name] for name in sets}, hook)
     S = torch.zeros(n, n)
-    R = torch.zeros(n, max(n_random, 0), n)
-    bar = tqdm(total=n * (1 + n_random), desc="separability", disable=not progress)
+    R = {kind: torch.zeros(n, m, n) for kind in NULL_KINDS}  # [pushed, draw, read]
+    bar = tqdm(total=n * (1 + len(R) * m), desc="separability", disable=not progress)
     for i, c in enumerate(contrasts):
         v = vectors[c.label]
         S[i] = push(v)
         bar.update(1)
-        for r in range(n_random):
-            d = torch.randn(v.shape, generator=gen)
-            R[i, r] = push(d * v.norm() / d.norm())
-            bar.update(1)
+        for kind, r in R.items():
+            for j, u in enumerate(null_directions(kind, m, space, gen).float()):
+                r[i, j] = push(u * v.norm())
+                bar.update(1)
     bar.close()
-    null = R.abs().flatten()
-    p = (
-        (1 + (null[None, None, :] >= S.abs()[..., None]).sum(-1)) / (1 + null.numel())
-        if null.numel()
-        else None
-    )
+    # every entry against the pooled |S| of each kind's controls; the larger p decides
+    p_kind = {k: empirical_p(S.abs(), r.abs()) for k, r in R.items()} if m else {}
+    p = torch.stack(list(p_kind.values())).max(0).values if p_kind else None
     labels = [c.label for c in contrasts]
     rows = []
     for i, c in enumerate(contrasts):
@@ -200,7 +201,13 @@ def separability(
                 "vector_norm": float(vectors[c.label].norm()),
                 "self_effect": float(S[i, i]),
                 "self_p": float(p[i, i]) if p is not None else None,
-                "random_self_effect_mean": float(R[i, :, i].mean()) if n_random else None,
+                **{f"self_p_{k}": float(pk[i, i]) for k, pk in p_kind.items()},
+                **{
+                    ("random_self_effect_mean" + ("" if k == "isotropic" else f"_{k}")): (
+                        float(r[i, :, i].mean()) if m else None
+                    )
+                    for k, r in R.items()
+                },
                 "largest_other_set_effect": float(S[i, worst]) if worst is not None else None,
                 "largest_other_set": labels[worst] if worst is not None else None,
                 "largest_other_p": float(p[i, worst])
@@ -224,35 +231,47 @@ def separability(
         "labels": labels,
         "matrix": S.tolist(),
         "p": p.tolist() if p is not None else None,
-        "random_control_matrix_mean": R.mean(1).tolist() if n_random else None,
-        "random_abs_effect_q95": float(torch.quantile(null, 0.95)) if null.numel() else None,
-        "n_random_per_contrast": n_random,
+        "p_by_kind": {k: v.tolist() for k, v in p_kind.items()},
+        "p_floor": p_floor(n * m * n) if m else None,
+        "random_directions": {k: NULL_WHAT[k] for k in R},
+        "random_control_matrix_mean": R["isotropic"].mean(1).tolist() if m else None,
+        "random_control_matrix_mean_covariance": R["covariance"].mean(1).tolist() if m else None,
+        "random_abs_effect_q95": {
+            k: float(torch.quantile(r.abs().flatten(), 0.95)) for k, r in R.items() if m
+        },
+        "n_random_per_contrast": m,
         "probe_heldout_accuracy": accs,
         "clean_gap": gaps,
         "rows": rows,
         "n_docs": len(docs),
-        "rule": "separable: self effect beats the random-direction null (p < alpha) and the largest "
-        "effect on another set's contrast is not significant or under half the self effect",
+        "rule": "separable: self effect beats both random-direction nulls (the larger p < alpha) "
+        "and the largest effect on another set's contrast is not significant or under half the "
+        "self effect",
     }
 
 
 def run(cfg, ctx: RelationsContext) -> dict[str, Any]:
-    """Separability matrix at every hook, read `read_offset` layers later."""
-    from analoglock.relations.algebra import read_hook_for
-
-    spec = cfg.get("contrasts") or []
-    contrasts = [Contrast.parse(s) for s in spec if Contrast.parse(s).set in ctx.concepts] or None
-    out = {}
+    """Separability matrix at every hook (`SeparabilityConfig`), read `read_offset` layers later."""
+    c = settings(cfg, SeparabilityConfig)
+    specs = [Contrast.parse(s) for s in (c.contrasts or DEFAULT_CONTRASTS)]
+    contrasts, skipped = harvested_only(
+        [(x.label, (x.set,), x) for x in specs],
+        ctx.concepts,
+        explicit=c.contrasts is not None,
+        what="contrast",
+    )
+    out: dict[str, Any] = {}
     for hook in ctx.hooks:
+        read_hook = c.read_hook or resid_post_after(hook, c.read_offset, ctx.model.cfg.n_layers)
         out[hook] = separability(
             ctx.model,
             ctx.concepts,
             hook,
-            cfg.get("read_hook") or read_hook_for(ctx.model, hook, int(cfg.get("read_offset", 4))),
-            contrasts,
-            scale=float(cfg.get("scale", 1.0)),
-            n_random=int(cfg.get("n_random", 2)),
+            read_hook,
+            contrasts or None,  # none of the defaults harvested: every set's own contrasts
+            scale=c.scale,
+            n_random=c.n_random,
             seed=ctx.seed,
-            alpha=float(cfg.get("alpha", 0.05)),
+            alpha=c.alpha,
         )
-    return {"by_hook": out}
+    return {"by_hook": out, "contrasts_skipped": skipped}

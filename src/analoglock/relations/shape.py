@@ -1,21 +1,12 @@
 """Concept search by shape: find directions or features that satisfy given geometric relations.
 
-Owns the constraint spec (a list of dicts, e.g. from Hydra YAML), its validation, a continuous
-score in [0, 1] per constraint type, the exhaustive (chunked) search over injective assignments
-of candidates to the spec's slots, and two baselines: the best score found by the same search on
-random candidates (Gaussian vectors with the candidates' own mean and covariance; codes permuted
-across inputs), and the score distribution of random tuples of the real candidates. Knows nothing
-of models: candidates are vectors [n, d] (basis directions, class means, ...) and/or codes
-[n_inputs, n] with one label per input.
-
-Constraint spec (every entry a dict; `slots` names variables bound to distinct candidates):
-
-    - {type: parallelogram, slots: [king, queen, man, woman]}   # king - queen = man - woman
-    - {type: orthogonal, slots: [a, b]}                        # pairwise orthogonal
-    - {type: orthogonal, slots: [count], to: [gender]}         # orthogonal to fixed vectors/slots
-    - {type: aligned, slots: [a], to: [b]}                     # parallel (either sign)
-    - {type: ordered, slot: count, order: [one, two, three]}   # codes ordered across input groups
-      (optional: direction: increasing | decreasing | either (default); weight: > 0)
+Owns a continuous score in [0, 1] per constraint type (the spec is in shape_spec.py), the
+exhaustive (chunked) search over injective assignments of candidates to the spec's slots, and two
+baselines: the best score found by the same search on random candidates (Gaussian vectors with
+the candidates' own mean and covariance; codes permuted across inputs), which gives an empirical
+p-value with floor 1 / (n_random + 1), and the score distribution of random tuples of the real
+candidates. Knows nothing of models: candidates are vectors [n, d] (basis directions, class
+means, ...) and/or codes [n_inputs, n] with one label per input.
 
 Scores: parallelogram 1 - |(a-b)-(c-d)| / (|a-b| + |c-d|); orthogonal 1 - max |cos|; aligned
 min |cos|; ordered the fraction of cross-group input pairs in the stated order (ties 1/2; "either"
@@ -31,154 +22,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
-TYPES = ("parallelogram", "orthogonal", "aligned", "ordered")
-DIRECTIONS = ("increasing", "decreasing", "either")
-_KEYS = {
-    "parallelogram": {"type", "slots", "weight"},
-    "orthogonal": {"type", "slots", "slot", "to", "weight"},
-    "aligned": {"type", "slots", "slot", "to", "weight"},
-    "ordered": {"type", "slots", "slot", "order", "direction", "weight"},
-}
-EPS = 1e-12
-
-
-class ShapeSpecError(ValueError):
-    """A constraint spec that does not follow the format in this module's docstring."""
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """One validated constraint over named slots."""
-
-    type: str
-    slots: tuple[str, ...]
-    to: tuple[str, ...] = ()
-    order: tuple[str, ...] = ()
-    direction: str = "either"
-    weight: float = 1.0
-
-
-# ---------------------------------------------------------------- spec
-
-
-def _plain(spec: Any) -> Any:
-    """OmegaConf containers to plain Python."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(spec, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(spec, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        pass
-    return spec
-
-
-def _names(value: Any, where: str, key: str) -> tuple[str, ...]:
-    """A list of non-empty strings (a single string is one name)."""
-    value = [value] if isinstance(value, str) else value
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ShapeSpecError(f"{where}: {key!r} must be a non-empty list of names, got {value!r}")
-    if not all(isinstance(v, str) and v.strip() for v in value):
-        raise ShapeSpecError(
-            f"{where}: every entry of {key!r} must be a non-empty string, got {value!r}"
-        )
-    return tuple(value)
-
-
-def parse_constraints(
-    spec: Any, fixed: Sequence[str] = (), labels: Sequence[str] | None = None
-) -> list[Constraint]:
-    """Validate a constraint spec; `fixed` are the names `to:` may use besides slots, `labels` the
-    input groups `order:` may use (None: no codes given)."""
-    spec = _plain(spec)
-    if isinstance(spec, Mapping):
-        spec = [spec]
-    if not isinstance(spec, (list, tuple)) or not spec:
-        raise ShapeSpecError(
-            "constraints must be a non-empty list of dicts, e.g. "
-            "[{type: parallelogram, slots: [a, b, c, d]}]"
-        )
-    out: list[Constraint] = []
-    for i, raw in enumerate(spec):
-        where = f"constraint {i}"
-        if not isinstance(raw, Mapping):
-            raise ShapeSpecError(f"{where}: expected a dict with a 'type', got {raw!r}")
-        kind = raw.get("type")
-        if kind not in TYPES:
-            raise ShapeSpecError(f"{where}: unknown type {kind!r}; valid types: {', '.join(TYPES)}")
-        where = f"constraint {i} ({kind})"
-        extra = set(raw) - _KEYS[kind]
-        if extra:
-            raise ShapeSpecError(
-                f"{where}: unknown keys {sorted(extra)}; valid keys: {sorted(_KEYS[kind])}"
-            )
-        if ("slot" in raw) == ("slots" in raw):
-            raise ShapeSpecError(f"{where}: give exactly one of 'slot' or 'slots'")
-        slots = _names(raw.get("slots", raw.get("slot")), where, "slots")
-        if len(set(slots)) != len(slots):
-            raise ShapeSpecError(f"{where}: slots repeat a name: {list(slots)}")
-        weight = raw.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
-            raise ShapeSpecError(f"{where}: weight must be a number > 0, got {weight!r}")
-        to: tuple[str, ...] = ()
-        order: tuple[str, ...] = ()
-        direction = "either"
-        if kind == "parallelogram" and len(slots) != 4:
-            raise ShapeSpecError(
-                f"{where}: needs exactly 4 slots [a, b, c, d] (a - b = c - d), got {len(slots)}"
-            )
-        if kind in ("orthogonal", "aligned"):
-            to = _names(raw["to"], where, "to") if "to" in raw else ()
-            if len(slots) < 2 and not to:
-                raise ShapeSpecError(f"{where}: needs 2+ slots, or slots plus 'to: [names]'")
-            if set(to) & set(slots):
-                raise ShapeSpecError(
-                    f"{where}: 'to' repeats its own slots {sorted(set(to) & set(slots))}"
-                )
-        if kind == "ordered":
-            if len(slots) != 1:
-                raise ShapeSpecError(
-                    f"{where}: takes one slot (the feature whose codes are ordered)"
-                )
-            if labels is None:
-                raise ShapeSpecError(
-                    f"{where}: needs codes and input labels (pass codes= and labels=)"
-                )
-            order = _names(raw.get("order"), where, "order")
-            if len(order) < 2 or len(set(order)) != len(order):
-                raise ShapeSpecError(
-                    f"{where}: 'order' needs 2+ distinct groups, got {list(order)}"
-                )
-            unknown = [g for g in order if g not in set(labels)]
-            if unknown:
-                raise ShapeSpecError(
-                    f"{where}: groups {unknown} are not input labels; labels: {sorted(set(labels))}"
-                )
-            direction = raw.get("direction", "either")
-            if direction not in DIRECTIONS:
-                raise ShapeSpecError(
-                    f"{where}: direction {direction!r}; valid: {', '.join(DIRECTIONS)}"
-                )
-        out.append(Constraint(kind, slots, to, order, direction, float(weight)))
-    slot_names = {s for c in out for s in c.slots}
-    for i, c in enumerate(out):
-        bad = [t for t in c.to if t not in slot_names and t not in set(fixed)]
-        if bad:
-            raise ShapeSpecError(
-                f"constraint {i} ({c.type}): 'to' names {bad} are neither slots nor fixed vectors; "
-                f"slots: {sorted(slot_names)}; fixed vectors: {sorted(fixed) or 'none given'}"
-            )
-    return out
-
-
-def slot_order(constraints: Sequence[Constraint]) -> list[str]:
-    """Every slot, in order of first appearance."""
-    return list(dict.fromkeys(s for c in constraints for s in c.slots))
-
+from analoglock.relations.common import basis_at, svd_basis
+from analoglock.relations.config import ShapeConfig, settings
+from analoglock.relations.shape_spec import (
+    Constraint,
+    ShapeSpecError,
+    _plain,
+    parse_constraints,
+    slot_order,
+)
+from analoglock.stats import EPS, empirical_p, p_floor
 
 # ---------------------------------------------------------------- scores
 
@@ -387,9 +243,9 @@ def search_by_shape(
     fixed: Mapping[str, Tensor] | None = None,
     basis=None,
     acts: Annotated[Tensor, "n_inputs d_model"] | None = None,
-    top_k: int = 10,
-    n_random: int = 20,
-    n_tuples: int = 2000,
+    top_k: int = ShapeConfig.top_k,
+    n_random: int = ShapeConfig.n_random,
+    n_tuples: int = ShapeConfig.n_tuples,
     max_grid: int = 1 << 22,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -458,12 +314,14 @@ def search_by_shape(
         ],
         "best_score": top,
         "random_search": {
-            "what": "the same search on random candidates: Gaussian vectors with the candidates' mean "
+            "what": "the same search on random candidates (covariance-matched null): Gaussian vectors "
+            "with the candidates' mean "
             "and covariance; each candidate's codes permuted across inputs",
             "best_scores": rand_best,
             "mean": sum(rand_best) / len(rand_best) if rand_best else None,
             "max": max(rand_best) if rand_best else None,
-            "p_value": (1 + sum(b >= top for b in rand_best)) / (1 + len(rand_best)),
+            "p_value": empirical_p(top, torch.tensor(rand_best, dtype=torch.float64)),
+            "p_floor": p_floor(len(rand_best)),
         },
         "random_tuples": tuples,
     }
@@ -486,34 +344,7 @@ def _random_tuple_scores(
     }
 
 
-# ---------------------------------------------------------------- report
-
-
-def figures(result: Mapping[str, Any]) -> dict[str, go.Figure]:
-    """Top assignments' scores beside the best random search scores."""
-    searches = result.get("searches", {"shape": result})
-    figs = {}
-    for name, res in searches.items():
-        labels = [" ".join(f"{k}={v}" for k, v in r["assignment"].items()) for r in res["results"]]
-        fig = go.Figure(
-            go.Bar(
-                x=[r["score"] for r in res["results"]], y=labels, orientation="h", name="candidates"
-            )
-        )
-        rs = res["random_search"]
-        if rs["max"] is not None:
-            fig.add_vline(x=rs["max"], line_dash="dash", annotation_text="best random (max)")
-            fig.add_vline(x=rs["mean"], line_dash="dot", annotation_text="best random (mean)")
-        fig.update_layout(
-            title=f"{name}: shape search, best first",
-            xaxis_title="score",
-            yaxis_autorange="reversed",
-        )
-        figs[f"shape/{name}"] = fig
-    return figs
-
-
-# ---------------------------------------------------------------- CLI adapter
+# ---------------------------------------------------------------- runner
 
 DEFAULT_SEARCHES = {
     "parallelogram_of_concepts": {
@@ -543,90 +374,72 @@ def _class_means(ctx, hook: str, sets: Sequence[str] | None) -> tuple[Tensor, li
 
 def _fixed_vectors(ctx, hook: str, constraints: Sequence[Mapping]) -> dict[str, Tensor]:
     """'set:a-b' names used in `to:` lists, as class-mean differences."""
-    from analoglock.relations.interpolate import relation_from_context
-
     out = {}
     for c in constraints:
         for t in c.get("to", []) or []:
             if ":" in t and "-" in t.split(":", 1)[1] and t.split(":", 1)[0] in ctx.concepts:
-                out[t] = relation_from_context(ctx, t, hook)
+                out[t] = ctx.relation(t, hook)
     return out
 
 
-def _default_searches(ctx) -> dict[str, Any]:
-    """DEFAULT_SEARCHES restricted to what ctx harvested (a missing relation drops its constraint)."""
-    out = {}
+def _default_searches(ctx) -> tuple[dict[str, Any], list[str]]:
+    """DEFAULT_SEARCHES restricted to what ctx harvested, and what was left out (a search whose
+    set is missing, a constraint naming a relation of a missing set)."""
+    out, skipped = {}, []
     for name, s in DEFAULT_SEARCHES.items():
         if s["candidates"] == "basis" and s["concepts"] not in ctx.concepts:
+            skipped.append(f"search {name}: set {s['concepts']!r} not harvested")
             continue
-        cons = [
-            c
-            for c in s["constraints"]
-            if all(t.split(":", 1)[0] in ctx.concepts for t in c.get("to", []))
-        ]
+        cons = []
+        for c in s["constraints"]:
+            missing = [t for t in c.get("to", []) if t.split(":", 1)[0] not in ctx.concepts]
+            if missing:
+                skipped.append(
+                    f"search {name}: constraint {c['type']} to {missing} (not harvested)"
+                )
+            else:
+                cons.append(c)
         if s["candidates"] == "basis":
             classes = list(ctx.concept(s["concepts"]).classes)
             cons = [dict(c, order=classes) if c.get("order", 0) is None else c for c in cons]
         out[name] = dict(s, constraints=cons)
-    return out
+    return out, skipped
 
 
 def run(cfg: Any, ctx) -> dict[str, Any]:
-    """`analoglock-relations analyses=[shape]`: one or more searches from cfg.searches.
+    """`analoglock-relations analyses=[shape]`: the searches of its section (`ShapeConfig`).
 
     Each search: candidates "class_means" (every class mean of `sets`, default all harvested) or
     "basis" (ctx.basis if fit at the hook, else an SVD of `n_features` fit on the rows of
-    `concepts`; codes = those rows, labelled by class), and `constraints` (the spec above; `to:`
-    may name relations "set:a-b"). Default: DEFAULT_SEARCHES. Keys: hook, top_k, n_random.
+    `concepts`; codes = those rows, labelled by class), and `constraints` (the spec in
+    shape_spec.py; `to:` may name relations "set:a-b"). Default: DEFAULT_SEARCHES.
     """
-    from analoglock.relations.interpolate import _section
-
-    c = _section(cfg)
-    hook = c.get("hook") or ctx.hooks[0]
-    searches = _plain(c.get("searches")) or _default_searches(ctx)
-    out: dict[str, Any] = {"hook": hook, "searches": {}}
+    c = settings(cfg, ShapeConfig)
+    hook = c.hook or ctx.hooks[0]
+    skipped: list[str] = []
+    searches = _plain(c.searches)
+    if not searches:
+        searches, skipped = _default_searches(ctx)
+    out: dict[str, Any] = {"hook": hook, "searches": {}, "skipped": skipped}
+    common = {"top_k": c.top_k, "n_random": c.n_random, "n_tuples": c.n_tuples, "seed": ctx.seed}
     for name, s in searches.items():
         cons = s.get("constraints")
         fixed = _fixed_vectors(ctx, hook, _plain(cons) or [])
-        if s.get("candidates", "class_means") == "class_means":
+        kind = s.get("candidates", "class_means")
+        if kind == "class_means":
             vectors, names = _class_means(ctx, hook, s.get("sets"))
-            res = search_by_shape(
-                cons,
-                vectors,
-                names=names,
-                fixed=fixed,
-                top_k=c.get("top_k", 10),
-                n_random=c.get("n_random", 20),
-                seed=ctx.seed,
-            )
-        elif s["candidates"] == "basis":
+            res = search_by_shape(cons, vectors, names=names, fixed=fixed, **common)
+        elif kind == "basis":
             ca = ctx.concept(s["concepts"])
             x, y = ca.stacked(hook)
             labels = [ca.classes[int(i)] for i in y]
-            basis = (
-                ctx.basis
-                if ctx.basis is not None and getattr(ctx.basis, "hook", None) == hook
-                else None
+            basis = basis_at(ctx.basis, hook, strict=True) or svd_basis(
+                x, s.get("n_features", 32), hook
             )
-            if basis is None:
-                from analoglock.bases import SVDBasis
-
-                basis = SVDBasis(
-                    n_components=min(int(s.get("n_features", 32)), *x.shape), hook=hook
-                ).fit(x)
-            res = search_by_shape(
-                cons,
-                basis=basis,
-                acts=x,
-                labels=labels,
-                fixed=fixed,
-                top_k=c.get("top_k", 10),
-                n_random=c.get("n_random", 20),
-                seed=ctx.seed,
-            )
+            res = search_by_shape(cons, basis=basis, acts=x, labels=labels, fixed=fixed, **common)
         else:
             raise ShapeSpecError(
-                f"search {name!r}: candidates must be 'class_means' or 'basis', not {s['candidates']!r}"
+                f"search {name!r}: candidates must be 'class_means' or 'basis', not {kind!r}"
             )
         out["searches"][name] = res
     return out

@@ -10,22 +10,18 @@ import pytest
 import torch
 
 from analoglock.relations import ANALYSES, ConceptActs, RelationsContext
-from analoglock.relations.algebra import (
-    RelationSpec,
-    bh_adjust,
-    relation_algebra,
-)
+from analoglock.relations.algebra import RelationSpec, relation_algebra
 from analoglock.relations.anomalies import hoyer, rank, robust_z
 from analoglock.relations.concepts import (
     ConceptPositionError,
     add_at_concept,
     balance_classes,
-    concept_vectors,
-    fit_probe,
     forward_concepts,
     harvest_concepts,
 )
 from analoglock.relations.recursive import analogy, level1_quads, level2_quads, parse_families
+from analoglock.relations.vectors import concept_vectors, fit_probe
+from analoglock.stats import bh_adjust
 
 SPLITS = ["train" if i % 20 < 14 else "validation" if i % 20 < 17 else "test" for i in range(48)]
 HOOK = "h"
@@ -401,10 +397,9 @@ def test_cli_end_to_end_on_the_tiny_model(tiny_dir, tmp_path):
     assert html.stat().st_size > 50_000 and "Relation cosines" in text and "Hierarchy" in text
     assert "shape/" in text  # shape search's figures, drawn by their module
 
-    from tests.browser import chromium, is_blank, render_screenshot
+    from tests.browser import is_blank, render_screenshot, require_chromium
 
-    if chromium() is None:
-        pytest.skip("chromium not installed: report written but not rendered")
+    require_chromium()  # skips on a dev box without it; fails under CI (CI=true)
     png = render_screenshot(html, tmp_path / "report.png")
     assert not is_blank(png)
 

@@ -16,9 +16,15 @@ import torch
 
 from analoglock.data import DatasetFormatError, load_pairs
 from analoglock.hooks import HookNameError
+from analoglock.relations import derivatives as dv
 from analoglock.relations import interpolate as ip
 from analoglock.relations import jacobian as jac
+from analoglock.relations import paths as pa
 from analoglock.relations import shape as sh
+from analoglock.relations import text as tx
+from analoglock.relations.common import text_basis
+from analoglock.reports.relation_paths import interpolate_figures, jacobian_figures
+from analoglock.stats import random_unit_directions
 
 # ---------------------------------------------------------------- interpolation math
 
@@ -27,8 +33,8 @@ def test_slerp_hits_endpoints_and_moves_on_the_great_circle():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
     b = b / b.norm(dim=-1, keepdim=True) * a.norm(dim=-1, keepdim=True)  # equal norms per row
-    t = ip.step_grid(9)
-    path = ip.slerp(a, b, t)
+    t = pa.step_grid(9)
+    path = pa.slerp(a, b, t)
     assert torch.equal(path[0], a) and torch.equal(path[-1], b)  # bit-exact endpoints
     torch.testing.assert_close(path.norm(dim=-1), a.norm(dim=-1).expand(9, -1), rtol=1e-5, atol=0)
     theta = torch.arccos(torch.nn.functional.cosine_similarity(a, b, dim=-1))
@@ -41,22 +47,22 @@ def test_slerp_hits_endpoints_and_moves_on_the_great_circle():
 def test_slerp_norm_moves_linearly_and_parallel_inputs_fall_back_to_lerp():
     a = torch.tensor([[3.0, 0.0]])
     b = torch.tensor([[0.0, 1.0]])
-    t = ip.step_grid(5)
-    norms = ip.slerp(a, b, t).norm(dim=-1)[:, 0]
+    t = pa.step_grid(5)
+    norms = pa.slerp(a, b, t).norm(dim=-1)[:, 0]
     torch.testing.assert_close(norms, (3 * (1 - t) + t).float())
-    same = ip.slerp(a, 2 * a, t)
-    torch.testing.assert_close(same, ip.lerp(a, 2 * a, t))
+    same = pa.slerp(a, 2 * a, t)
+    torch.testing.assert_close(same, pa.lerp(a, 2 * a, t))
 
 
 def test_lerp_is_exact_at_the_ends_and_grid_needs_two_steps():
     a, b = torch.randn(3, 4), torch.randn(3, 4)
-    p = ip.lerp(a, b, ip.step_grid(3))
+    p = pa.lerp(a, b, pa.step_grid(3))
     assert torch.equal(p[0], a) and torch.equal(p[-1], b)
     torch.testing.assert_close(p[1], (a + b) / 2)
     with pytest.raises(ValueError, match="n_steps must be >= 2"):
-        ip.step_grid(1)
+        pa.step_grid(1)
     with pytest.raises(ValueError, match="valid: linear, slerp"):
-        ip.interpolate(a, b, ip.step_grid(2), "cubic")
+        pa.interpolate(a, b, pa.step_grid(2), "cubic")
 
 
 def test_commonalities_and_tangents_follow_their_definitions():
@@ -67,33 +73,33 @@ def test_commonalities_and_tangents_follow_their_definitions():
             [3.0, 0.5, 0.0, 0.0, 1.9],  # t = 1
         ]
     )
-    assert ip.commonalities(z[0], z[-1], theta=2.0) == [0]
+    assert pa.commonalities(z[0], z[-1], theta=2.0) == [0]
     # 1 peaks at 4 (ends <= 0.5); 3 peaks at 2.2 with ends 0; 4 is weak everywhere but not inside
-    assert ip.tangents(z, theta=2.0, margin=1.0) == [1, 3]
-    assert ip.tangents(z, theta=2.0, margin=2.5) == [1]
-    assert ip.tangents(z[[0, 2]], theta=2.0, margin=1.0) == []  # no interior step
+    assert pa.tangents(z, theta=2.0, margin=1.0) == [1, 3]
+    assert pa.tangents(z, theta=2.0, margin=2.5) == [1]
+    assert pa.tangents(z[[0, 2]], theta=2.0, margin=1.0) == []  # no interior step
 
 
 # ---------------------------------------------------------------- paraphrase data
 
 
 def test_content_words_ignore_function_words_and_inflection():
-    assert ip.content_words("She packed her bags and was packing") == {"pack", "bag"}
-    assert ip.shared_content_words("They planned the trips", "A plan for a trip") == {
+    assert tx.content_words("She packed her bags and was packing") == {"pack", "bag"}
+    assert tx.shared_content_words("They planned the trips", "A plan for a trip") == {
         "plan",
         "trip",
     }
 
 
 def test_shipped_paraphrases_share_no_content_word_with_their_originals():
-    pairs = ip.load_paraphrases()
+    pairs = tx.load_paraphrases()
     assert len(pairs) >= 10
     originals = {p.id: p for p in load_pairs("vacation_deadline")}
     for orig, para in pairs:
         assert originals[orig.id] == orig
         assert para.source == f"paraphrase of {orig.id}"
-        own = ip.content_words(orig.a) | ip.content_words(orig.b)
-        assert not (ip.content_words(para.a) | ip.content_words(para.b)) & own
+        own = tx.content_words(orig.a) | tx.content_words(orig.b)
+        assert not (tx.content_words(para.a) | tx.content_words(para.b)) & own
         assert 35 <= len(para.a.split()) <= 90 and 35 <= len(para.b.split()) <= 90
 
 
@@ -115,24 +121,24 @@ def _pairs_file(tmp_path, a: str, source: str = "paraphrase of vacation_deadline
 def test_a_paraphrase_sharing_a_content_word_is_rejected(tmp_path):
     path, _ = _pairs_file(tmp_path, "A dog and a cat met at the station.")
     with pytest.raises(DatasetFormatError, match="shares content words.*station"):
-        ip.load_paraphrases(path)
+        tx.load_paraphrases(path)
     path, _ = _pairs_file(tmp_path, "A dog and a cat met.", source="original")
     with pytest.raises(DatasetFormatError, match="paraphrase of"):
-        ip.load_paraphrases(path)
+        tx.load_paraphrases(path)
     path, _ = _pairs_file(
         tmp_path, "A dog and a cat met.", source="paraphrase of vacation_deadline/999"
     )
     with pytest.raises(DatasetFormatError, match="does not exist"):
-        ip.load_paraphrases(path)
+        tx.load_paraphrases(path)
 
 
 # ---------------------------------------------------------------- interpolation on the tiny model
 
 
 def _reader(model, hook, texts):
-    basis = ip.fit_default_basis(model, texts, hook, 8)
-    reader = ip.FeatureReader(basis, hook, ip.n_prefix(model), signed=True)
-    return reader.calibrate(ip.doc_activity(model, reader, texts + [t[::-1] for t in texts]))
+    basis = text_basis(model, texts, hook, 8)
+    reader = pa.FeatureReader(basis, hook, tx.n_prefix(model), signed=True)
+    return reader.calibrate(pa.doc_activity(model, reader, texts + [t[::-1] for t in texts]))
 
 
 @pytest.mark.parametrize("hook", ["hook_embed", "blocks.1.hook_resid_post"])
@@ -140,14 +146,14 @@ def test_path_endpoints_reproduce_the_plain_runs_of_a_and_b(tiny_model, hook):
     pair = load_pairs("vacation_deadline")[0]
     last = f"blocks.{tiny_model.cfg.n_layers - 1}.hook_resid_post"
     reader = _reader(tiny_model, last, [pair.a, pair.b])
-    ids_a, ids_b = ip.equal_length(ip.encode(tiny_model, pair.a), ip.encode(tiny_model, pair.b))
-    t = ip.step_grid(3)
-    for mode in ip.MODES:
-        rec = ip.input_path(tiny_model, reader, ids_a, ids_b, hook, mode, t, 2.0, 1.0, top_k=3)
+    ids_a, ids_b = tx.equal_length(tx.encode(tiny_model, pair.a), tx.encode(tiny_model, pair.b))
+    t = pa.step_grid(3)
+    for mode in pa.MODES:
+        rec = pa.input_path(tiny_model, reader, ids_a, ids_b, hook, mode, t, 2.0, 1.0, top_k=3)
         assert max(rec["endpoint_max_abs_diff"]) <= 1e-4
     # at the last layer the logit lens is the model's output: the ends predict what A and B predict
-    path = ip.lerp(*_acts(tiny_model, ids_a, ids_b, hook), t)
-    read = ip.run_with_edit(tiny_model, ids_a, hook, lambda x: path, last, 3)
+    path = pa.lerp(*_acts(tiny_model, ids_a, ids_b, hook), t)
+    read = pa.run_with_edit(tiny_model, ids_a, hook, lambda x: path, last, 3)
     with torch.no_grad():
         lens = tiny_model.unembed(tiny_model.ln_final(read))[:, -1]
         out_a = tiny_model(ids_a[None])[0, -1]
@@ -157,16 +163,16 @@ def test_path_endpoints_reproduce_the_plain_runs_of_a_and_b(tiny_model, hook):
 
 
 def _acts(model, ids_a, ids_b, hook):
-    return ip.cache_at(model, ids_a, [hook])[hook], ip.cache_at(model, ids_b, [hook])[hook]
+    return pa.cache_at(model, ids_a, [hook])[hook], pa.cache_at(model, ids_b, [hook])[hook]
 
 
 def test_zero_relation_path_is_the_plain_run(tiny_model):
     pair = load_pairs("vacation_deadline")[1]
     read_hook = "blocks.3.hook_resid_post"
     reader = _reader(tiny_model, read_hook, [pair.a, pair.b])
-    ids = ip.encode(tiny_model, pair.a)
+    ids = tx.encode(tiny_model, pair.a)
     zero = torch.zeros(tiny_model.cfg.d_model)
-    rec = ip.relation_path(
+    rec = pa.relation_path(
         tiny_model,
         reader,
         ids,
@@ -174,15 +180,15 @@ def test_zero_relation_path_is_the_plain_run(tiny_model):
         zero,
         zero,
         "slerp",
-        ip.step_grid(3),
+        pa.step_grid(3),
         2.0,
         1.0,
     )
-    plain = reader.z(reader.activity(ip.cache_at(tiny_model, ids, [read_hook])[read_hook][None]))[0]
+    plain = reader.z(reader.activity(pa.cache_at(tiny_model, ids, [read_hook])[read_hook][None]))[0]
     for row in rec["z"]:
         torch.testing.assert_close(torch.tensor(row), plain, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="d_model"):
-        ip.relation_path(
+        pa.relation_path(
             tiny_model,
             reader,
             ids,
@@ -190,7 +196,7 @@ def test_zero_relation_path_is_the_plain_run(tiny_model):
             zero[:3],
             zero,
             "linear",
-            ip.step_grid(2),
+            pa.step_grid(2),
             2,
             1,
         )
@@ -226,20 +232,20 @@ def test_analyze_interpolation_reports_every_count_beside_its_controls(tiny_mode
     assert res["relation"]["summary"][0]["commonalities"]["random_vectors"]["control_counts"]
     ab = res["abstract"]
     assert ab["n_abstract"] + ab["n_superficial"] == ab["n_commonalities"]
-    assert ab["n_pairs"] == len(ip.load_paraphrases())
-    assert set(ip.figures(res)) >= {"interpolate/counts", "interpolate/abstract"}
+    assert ab["n_pairs"] == len(tx.load_paraphrases())
+    assert set(interpolate_figures(res)) >= {"interpolate/counts", "interpolate/abstract"}
 
 
 def test_interpolation_rejects_incompatible_hooks_and_bad_input(tiny_model):
-    with pytest.raises(ip.IncompatibleHookError, match="not a complete residual-stream state"):
+    with pytest.raises(pa.IncompatibleHookError, match="not a complete residual-stream state"):
         ip.analyze_interpolation(
             tiny_model, ["blocks.1.hook_attn_out"], "a b c", "d e f", progress=False
         )
-    with pytest.raises(ip.IncompatibleHookError, match="not a complete residual-stream state"):
-        ip.residual_depth(
+    with pytest.raises(pa.IncompatibleHookError, match="not a complete residual-stream state"):
+        pa.residual_depth(
             tiny_model, "blocks.1.hook_resid_mid"
         )  # the bridge does not carry it forward
-    with pytest.raises(ip.IncompatibleHookError, match="is not after the interpolation hook"):
+    with pytest.raises(pa.IncompatibleHookError, match="is not after the interpolation hook"):
         ip.analyze_interpolation(
             tiny_model,
             ["blocks.2.hook_resid_post"],
@@ -259,18 +265,18 @@ def test_interpolation_rejects_incompatible_hooks_and_bad_input(tiny_model):
     with pytest.raises(ValueError, match="both relation_a and relation_b"):
         ip.analyze_interpolation(tiny_model, relation_a=torch.zeros(64), progress=False)
     with pytest.raises(ValueError, match="equal token counts"):
-        ip.input_path(
+        pa.input_path(
             tiny_model,
             None,
             torch.ones(3, dtype=torch.long),
             torch.ones(4, dtype=torch.long),
             "hook_embed",
             "linear",
-            ip.step_grid(2),
+            pa.step_grid(2),
             2,
             1,
         )
-    assert ip.residual_depth(tiny_model, "blocks.1.hook_resid_post") == ip.residual_depth(
+    assert pa.residual_depth(tiny_model, "blocks.1.hook_resid_post") == pa.residual_depth(
         tiny_model, "blocks.2.hook_resid_pre"
     )
 
@@ -279,20 +285,22 @@ def test_interpolation_rejects_incompatible_hooks_and_bad_input(tiny_model):
 
 
 def _ids(model, n: int = 12):
-    return jac._encode(model, load_pairs("vacation_deadline")[2].a, n)
+    return jac.encode_text(model, load_pairs("vacation_deadline")[2].a, n)
 
 
 @pytest.mark.parametrize("metric", ["logprobs", "logit_diff"])
 def test_jvp_equals_finite_difference_and_double_backward(tiny_model, metric):
     ids = _ids(tiny_model)
-    head = jac.output_head(metric, (42, 1234))
-    mask = jac.position_mask(len(ids), "last", 1)[None].expand(3, -1)
-    f = jac.perturbed_fn(tiny_model, ids, "blocks.1.hook_resid_post", mask, head)
-    v = jac.random_directions(3, tiny_model.cfg.d_model, torch.Generator().manual_seed(0))
-    out, jv, how = jac.directional_derivative(f, v, "jvp")
+    head = dv.output_head(metric, (42, 1234))
+    mask = dv.position_mask(len(ids), "last", 1)[None].expand(3, -1)
+    f = dv.perturbed_fn(tiny_model, ids, "blocks.1.hook_resid_post", mask, head)
+    v = random_unit_directions(
+        3, tiny_model.cfg.d_model, torch.Generator().manual_seed(0), torch.float32
+    )
+    out, jv, how = dv.directional_derivative(f, v, "jvp")
     assert how == "jvp"
-    _, jv_db, _ = jac.directional_derivative(f, v, "double_backward")
-    _, jv_fd, _ = jac.directional_derivative(f, v, "finite_difference", eps=1e-2)
+    _, jv_db, _ = dv.directional_derivative(f, v, "double_backward")
+    _, jv_fd, _ = dv.directional_derivative(f, v, "finite_difference", eps=1e-2)
     torch.testing.assert_close(jv_db, jv, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(jv_fd, jv, rtol=2e-2, atol=2e-2 * float(jv.abs().max()))
     assert float(jv.abs().max()) > 1e-3  # a derivative that is not trivially zero
@@ -301,9 +309,11 @@ def test_jvp_equals_finite_difference_and_double_backward(tiny_model, metric):
 def test_kv_cache_shortcut_equals_the_full_forward(tiny_model):
     ids = _ids(tiny_model)
     hook = "blocks.2.hook_resid_post"
-    v = jac.random_directions(2, tiny_model.cfg.d_model, torch.Generator().manual_seed(1))
-    mask = jac.position_mask(len(ids), "last", 1)[None].expand(2, -1)
-    fast = jac.perturbed_fn(tiny_model, ids, hook, mask, jac.output_head("logprobs"))(3 * v)
+    v = random_unit_directions(
+        2, tiny_model.cfg.d_model, torch.Generator().manual_seed(1), torch.float32
+    )
+    mask = dv.position_mask(len(ids), "last", 1)[None].expand(2, -1)
+    fast = dv.perturbed_fn(tiny_model, ids, hook, mask, dv.output_head("logprobs"))(3 * v)
     logits = []
     for row in v:  # plain hooked full forwards, one direction at a time
         with tiny_model.hooks(fwd_hooks=[(hook, lambda x, hook, r=row: _add_last(x, 3 * r))]):
@@ -320,7 +330,9 @@ def _add_last(x, r):
 
 
 def test_jvp_matches_transformer_lens_jacobian_lens(tiny_model):
-    v = jac.random_directions(1, tiny_model.cfg.d_model, torch.Generator().manual_seed(2))[0]
+    v = random_unit_directions(
+        1, tiny_model.cfg.d_model, torch.Generator().manual_seed(2), torch.float32
+    )[0]
     text = load_pairs("vacation_deadline")[3].b
     res = jac.jlens_crosscheck(tiny_model, "blocks.1.hook_resid_post", text, v, max_tokens=10)
     assert res["applicable"] and res["tokens_match"]
@@ -330,16 +342,16 @@ def test_jvp_matches_transformer_lens_jacobian_lens(tiny_model):
 
 def test_response_classes_on_known_curves():
     steps = [0.1, 0.3, 1.0, 3.0]
-    assert jac.classify_response([1.0, 0.99, 1.02, 0.95]) == "linear"
-    assert jac.classify_response([math.tanh(s) / s for s in steps]) == "saturating"
-    assert jac.classify_response([1 + s for s in steps]) == "accelerating"
-    assert jac.classify_response([0.9, 0.4, -0.2, -0.5]) == "flip"
-    assert jac.classify_response([1.0, 0.3, 1.9, 1.0]) == "nonmonotone"
+    assert dv.classify_response([1.0, 0.99, 1.02, 0.95]) == "linear"
+    assert dv.classify_response([math.tanh(s) / s for s in steps]) == "saturating"
+    assert dv.classify_response([1 + s for s in steps]) == "accelerating"
+    assert dv.classify_response([0.9, 0.4, -0.2, -0.5]) == "flip"
+    assert dv.classify_response([1.0, 0.3, 1.9, 1.0]) == "nonmonotone"
     jv = torch.tensor([[1.0, -2.0, 0.5]])
     p = torch.tensor([[0.2, 0.3, 0.5]])
-    torch.testing.assert_close(jac.response_ratio(0.5 * jv, jv, 0.5, p), torch.tensor([1.0]))
-    torch.testing.assert_close(jac.response_ratio(-0.1 * jv, jv, 0.5, p), torch.tensor([-0.2]))
-    torch.testing.assert_close(jac.fisher_norm(jv, p), (p * jv**2).sum(-1).sqrt())
+    torch.testing.assert_close(dv.response_ratio(0.5 * jv, jv, 0.5, p), torch.tensor([1.0]))
+    torch.testing.assert_close(dv.response_ratio(-0.1 * jv, jv, 0.5, p), torch.tensor([-0.2]))
+    torch.testing.assert_close(dv.fisher_norm(jv, p), (p * jv**2).sum(-1).sqrt())
 
 
 def test_analyze_jacobian_ranks_directions_beside_random_ones(tiny_model):
@@ -368,7 +380,7 @@ def test_analyze_jacobian_ranks_directions_beside_random_ones(tiny_model):
     assert abs(res["smallest_step_ratio"]["random_median"] - 1) < 0.05
     counts = res["class_counts"]["singular"]["+"]
     assert sum(counts.values()) == 4
-    assert set(jac.figures(res)) == {"jacobian/ranked", "jacobian/response"}
+    assert set(jacobian_figures(res)) == {"jacobian/ranked", "jacobian/response"}
 
 
 def test_jacobian_bad_input(tiny_model):
@@ -392,18 +404,18 @@ def test_jacobian_bad_input(tiny_model):
     with pytest.raises(HookNameError):
         jac.analyze_jacobian(tiny_model, "blocks.9.hook_resid_post", ["a b c"], progress=False)
     ids = _ids(tiny_model)
-    mask = jac.position_mask(len(ids), "all", 1)[None]
-    f = jac.perturbed_fn(
-        tiny_model, ids, "blocks.1.attn.hook_pattern", mask, jac.output_head("logprobs")
+    mask = dv.position_mask(len(ids), "all", 1)[None]
+    f = dv.perturbed_fn(
+        tiny_model, ids, "blocks.1.attn.hook_pattern", mask, dv.output_head("logprobs")
     )
     with pytest.raises(ValueError, match="d_model"):
         f(torch.zeros(1, tiny_model.cfg.d_model))
     with pytest.raises(ValueError, match="positions must be one of"):
-        jac.position_mask(5, "first", 1)
+        dv.position_mask(5, "first", 1)
     with pytest.raises(ValueError, match="out of range"):
-        jac.position_mask(5, [7], 1)
+        dv.position_mask(5, [7], 1)
     with pytest.raises(ValueError, match="Unknown method"):
-        jac.directional_derivative(lambda d: d, torch.zeros(1, 2), "symbolic")
+        dv.directional_derivative(lambda d: d, torch.zeros(1, 2), "symbolic")
 
 
 # ---------------------------------------------------------------- shape search

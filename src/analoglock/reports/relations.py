@@ -1,10 +1,11 @@
 """relations.json and report.html for an `analoglock-relations` run.
 
 Owns turning analysis results into JSON (tensors to lists, private "_" keys dropped, NaN/inf to
-null) and into plotly figures: cosine heatmaps with p-values, the separability matrix, the
-hierarchy diagram, analogy accuracies beside their baselines, the ranked anomaly list; analyses
-that live in other modules (interpolate, jacobian, shape) draw their own figures through their
-module's `figures(result)`. Knows nothing of how the numbers were computed.
+null), into plotly figures (cosine heatmaps with p-values, the separability matrix, the hierarchy
+diagram, analogy accuracies beside their baselines, the ranked anomaly list, interpolation curves,
+derivative sizes beside random directions, shape-search scores) and into the headline table, where
+every number stands beside its control and the kind of its null (permutation, model-based normal
+fit, isotropic or covariance random directions). Knows nothing of how the numbers were computed.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import torch
 
 from analoglock.atomic import write_json
 from analoglock.reports.html import write_report
+from analoglock.reports.relation_paths import (
+    interpolate_figures,
+    jacobian_figures,
+    shape_figures,
+)
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "relations.json"
 REPORT_FILE = "report.html"
-OWN = ("algebra", "separability", "hierarchy", "recursive", "anomalies")
 
 
 def jsonable(obj: Any) -> Any:
@@ -73,7 +78,10 @@ def algebra_figures(res: dict) -> dict[str, go.Figure]:
                 text=text,
                 hovertemplate="%{y} ~ %{x}<br>cos=%{z:.3f}<br>%{text}<extra></extra>",
             ),
-            layout=dict(height=650, title="cosine of relation vectors; p vs shuffled labels"),
+            layout=dict(
+                height=650,
+                title="cosine of relation vectors; p: normal fit to the shuffled-label null",
+            ),
         )
         figs[f"Relation cosine p-values ({hook})"] = go.Figure(
             go.Heatmap(
@@ -98,11 +106,14 @@ def algebra_figures(res: dict) -> dict[str, go.Figure]:
                         x=names,
                         y=[x["observed"]["activation"]["relative_error"] for x in comps],
                     ),
-                    go.Bar(
-                        name="random vectors, same norms",
-                        x=names,
-                        y=[x["random_relative_error_mean"] for x in comps],
-                    ),
+                    *[
+                        go.Bar(
+                            name=f"random vectors, same norms ({kind})",
+                            x=names,
+                            y=[x["random_relative_error"].get(kind, {}).get("mean") for x in comps],
+                        )
+                        for kind in ("isotropic", "covariance")
+                    ],
                 ],
                 layout=dict(
                     title="relative error ||e(a+b) - e(a) - e(b)|| / ||e(a) + e(b)|| at the read hook",
@@ -133,7 +144,10 @@ def separability_figures(res: dict) -> dict[str, go.Figure]:
                 height=600,
                 xaxis_title="readout (probe at read hook)",
                 yaxis_title="pushed along",
-                title=f"readout shift in class gaps; random-direction |shift| q95 = {r.get('random_abs_effect_q95') or 0:.3f}",
+                title="readout shift in class gaps; random pushes of equal norm, |shift| q95: "
+                + ", ".join(
+                    f"{k} {v:.3f}" for k, v in (r.get("random_abs_effect_q95") or {}).items()
+                ),
             ),
         )
     return figs
@@ -221,7 +235,7 @@ def recursive_figures(res: dict) -> dict[str, go.Figure]:
                 [
                     go.Bar(name="accuracy", x=levels, y=[r[lv]["accuracy"] for lv in levels]),
                     go.Bar(
-                        name="random offset (mean)",
+                        name="isotropic random offset (mean)",
                         x=levels,
                         y=[r[lv]["random_offset_accuracy_mean"] for lv in levels],
                     ),
@@ -251,7 +265,7 @@ def recursive_figures(res: dict) -> dict[str, go.Figure]:
                         y=[c["normalised_difference_null_shuffled_mean"] for c in comps],
                     ),
                     go.Bar(
-                        name="random directions",
+                        name="random directions of the space (covariance)",
                         x=names,
                         y=[c["normalised_difference_random_mean"] for c in comps],
                     ),
@@ -287,59 +301,122 @@ FIGURES = {
     "hierarchy": hierarchy_figures,
     "recursive": recursive_figures,
     "anomalies": anomaly_figures,
+    "interpolate": interpolate_figures,
+    "jacobian": jacobian_figures,
+    "shape": shape_figures,
 }
 
 
 def figures(results: dict[str, Any]) -> dict[str, go.Figure]:
-    """Every analysis's figures; other modules' analyses through their own `figures(result)`."""
-    from analoglock.relations import analysis_module
-
+    """Every analysis's figures (an analysis with no drawing here gets none, with a log line)."""
     out: dict[str, go.Figure] = {}
     for name, res in results.items():
-        if name in FIGURES:
-            out.update(FIGURES[name](res))
+        draw = FIGURES.get(name)
+        if draw is None:
+            log.warning("no figures for analysis %s", name)
             continue
-        try:
-            draw = getattr(analysis_module(name), "figures", None)
-        except (ValueError, ImportError) as err:
-            log.warning("no figures for %s: %s", name, err)
-            continue
-        if draw is not None:
-            out.update(
-                {(k if k.startswith(name) else f"{name}: {k}"): v for k, v in draw(res).items()}
-            )
+        out.update(draw(res))
     return out
 
 
 # ---------------------------------------------------------------- tables
 
 
+def _p(x: float | None) -> str:
+    """A p-value for a table cell."""
+    return "n/a" if x is None else f"{x:.3g}"
+
+
 def headline(results: dict[str, Any]) -> dict[str, str]:
-    """A few numbers a reader wants first, each beside its control."""
+    """A few numbers a reader wants first, each beside its control and the kind of its null."""
     t: dict[str, str] = {}
-    for hook, r in results.get("algebra", {}).get("by_hook", {}).items():
+    alg = results.get("algebra", {})
+    for hook, r in alg.get("by_hook", {}).items():
         pairs = r["cosines"]["pairs"]
         counts = {
             v: sum(p["verdict"] == v for p in pairs)
             for v in ("aligned", "anti-aligned", "orthogonal", "weak")
         }
-        t[f"{hook}: relation pairs by verdict"] = ", ".join(f"{k} {v}" for k, v in counts.items())
+        t[f"{hook}: relation pairs by verdict"] = (
+            ", ".join(f"{k} {v}" for k, v in counts.items())
+            + " (q: BH over a normal fit to the shuffled-label null, not a permutation p; "
+            "aligned also needs p < alpha against random directions of the space)"
+        )
+        for cp in r.get("composites") or []:
+            nulls = "; ".join(
+                f"{k} pairs mean {e['mean']:.3f}, p = {_p(e['p_smaller'])} (floor {e['p_floor']:.2g})"
+                for k, e in cp.get("random_relative_error", {}).items()
+            )
+            t[f"{hook}: composite {cp['a']} + {cp['b']}: additivity error"] = (
+                f"{cp['observed']['activation']['relative_error']:.3f} vs random vectors of the "
+                f"same norms: {nulls}"
+            )
+    for s in alg.get("composites_skipped") or []:
+        t[f"skipped: {s}"] = "default composite left out: its set was not requested"
+    for hook, r in results.get("separability", {}).get("by_hook", {}).items():
+        sep = sum(x["separable"] for x in r["rows"])
+        q95 = ", ".join(f"{k} {v:.3f}" for k, v in (r.get("random_abs_effect_q95") or {}).items())
+        t[f"{hook}: separable contrasts"] = (
+            f"{sep} of {len(r['rows'])} (read at {r['read_hook']}; random pushes of equal norm, "
+            f"|effect| q95: {q95}; both nulls must reject)"
+        )
+    for hook, r in results.get("hierarchy", {}).get("by_hook", {}).items():
+        for sp, block in r.get("species_features", {}).items():
+            for f in block["features"][:1]:
+                ctrl = "; ".join(
+                    f"{k} mean |effect| {c['mean_abs']:.3f}, p = {_p(c['p'])}"
+                    for k, c in f.get("random_equal_norm", {}).items()
+                )
+                t[f"{hook}: ablating {sp}'s top feature f{f['feature']}"] = (
+                    f"{f['ablation_effect_in_gaps']:+.3f} class gaps vs random edits of the same "
+                    f"norm per token ({ctrl})"
+                )
     for hook, r in results.get("recursive", {}).get("by_hook", {}).items():
         for lv in ("level1", "level2"):
             a = r[lv]
             if a.get("n"):
+                cov = a.get("random_covariance_offset_accuracy_mean")
+                cov_txt = (
+                    f", covariance offset {cov:.2f} (p={_p(a.get('p_random_covariance'))})"
+                    if cov is not None
+                    else ""
+                )
                 t[f"{hook}: {lv} analogy accuracy"] = (
-                    f"{a['accuracy']:.2f} (n={a['n']}) vs random offset {a['random_offset_accuracy_mean']:.2f} "
-                    f"(p={a['p_random']:.3g}), no offset {a['no_offset_accuracy']:.2f}"
+                    f"{a['accuracy']:.2f} (n={a['n']}) vs isotropic random offset "
+                    f"{a['random_offset_accuracy_mean']:.2f} (p={_p(a['p_random'])}){cov_txt}, "
+                    f"no offset {a['no_offset_accuracy']:.2f}"
                 )
         for c in r.get("comparisons", []):
             t[f"{hook}: cos({c['r1']}, {c['r2']})"] = (
-                f"{c['cos']:.3f} (shuffled null mean {c['cos_null_shuffled_mean']:.3f}, p={c['p_cos_shuffled']:.3g}; "
-                f"random directions of the space: |cos| q95 {c['cos_random_q95']:.3f}, p={c['p_cos_random']:.3g})"
+                f"{c['cos']:.3f} (shuffled-label permutation null mean {c['cos_null_shuffled_mean']:.3f}, "
+                f"p={_p(c['p_cos_shuffled'])}; random directions of the space (covariance): |cos| "
+                f"q95 {c['cos_random_q95']:.3f}, p={_p(c['p_cos_random'])}; isotropic "
+                f"p={_p(c.get('p_cos_isotropic'))})"
             )
-    for hook, r in results.get("separability", {}).get("by_hook", {}).items():
-        sep = sum(x["separable"] for x in r["rows"])
-        t[f"{hook}: separable contrasts"] = f"{sep} of {len(r['rows'])} (read at {r['read_hook']})"
+    jac = results.get("jacobian")
+    if jac and jac.get("best"):
+        b = jac["best"]
+        vs = "; ".join(
+            f"{k}: {v['ratio_to_max']:.2f}x their max, rank {v['rank']} of {jac['random']['n'] + 1}"
+            for k, v in b["vs_random"].items()
+        )
+        t[f"{jac['hook']}: largest derivative (d{b['index']})"] = (
+            f"{b[jac['size']]:.4g} vs random unit directions ({vs})"
+        )
+    for name, res in (results.get("shape") or {}).get("searches", {}).items():
+        rs = res["random_search"]
+        t[f"shape search {name}"] = (
+            f"best {res['best_score']:.3f} vs the same search on {len(rs['best_scores'])} "
+            f"covariance-matched random candidate sets: max {rs['max']:.3f}, "
+            f"p = {_p(rs['p_value'])} (floor {rs.get('p_floor', 0):.3g})"
+        )
+    ab = (results.get("interpolate") or {}).get("abstract")
+    if ab:
+        t["interpolation: abstract commonalities"] = (
+            f"{ab['n_abstract']} of {ab['n_commonalities']} (rate {ab['abstract_rate'] or 0:.2f}) "
+            f"vs another pair's paraphrases {ab['abstract_rate_control'] or 0:.2f} "
+            f"({ab['n_pairs']} pairs; a rate, no p-value)"
+        )
     return t
 
 
@@ -348,6 +425,7 @@ def _anomaly_line(r: dict) -> str:
     return (
         f"{r['kind']} | {r['target']} | {r['hook']} | value {r['value']:.4g} vs null median "
         f"{r['null_median']:.4g} | z {r['robust_z']:.2f} | p {r['p']:.3g}"
+        + (f" | null: {r['null']}" if r.get("null") else "")
     )
 
 
