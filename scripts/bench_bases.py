@@ -1,8 +1,13 @@
 """Benchmark every feature basis on one harvest, and our SAE training loop against SAELens's own.
 
 Part 1, quality: svd, pca, nmf, cca (n_features each) and a SAELens SAE (sae_width latents), fit
-on the same harvest by `fit_basis_on_store` (whole documents held out): fit seconds, held-out
-FVU, l0, dead fraction, and with --splice the spliced CE recovered on held-out documents.
+on the same harvest by `fit_basis_on_store` (its default split: a fable_work harvest is fit on
+the train split, the other splits held out): fit seconds, held-out FVU, l0, dead fraction, and
+with --splice the spliced CE on held-out documents (increase in nats; recovered against zero- and
+mean-ablation, the mean taken over the training tokens).
+
+Inputs: the harvest directory given, made here first when it does not exist (all tokens of the
+shipped fable_work stories at --hook, with --model), so the script runs on a fresh clone.
 
 Part 2, speed: tokens/s of our path (`train_sae`: Lightning around SAELens's
 `training_forward_pass`) and of SAELens's `SAETrainer.fit()` (the loop that SAELens's own
@@ -16,6 +21,7 @@ ours are a row store of a TransformerBridge harvest; it would then hand the rows
 `SAETrainer`. Timings on a shared CPU are noisy.
 
     python scripts/bench_bases.py [runs/harvest/fable_work-all] [--splice] [--sae-tokens 200000]
+    python scripts/bench_bases.py /tmp/h --model PATH --hook blocks.1.hook_resid_post --docs 20  # a toy run
 """
 
 from __future__ import annotations
@@ -33,9 +39,9 @@ from typing import Any
 
 import torch
 
-from analoglock.activations import ActivationStore
+from analoglock.activations import ActivationStore, harvest_to_disk
 from analoglock.bases import load_basis
-from analoglock.bases.fit import fit_basis_on_store, split_documents
+from analoglock.bases.fit import fit_basis_on_store, fit_documents, resolve_split
 from analoglock.bases.quality import splice_quality
 from analoglock.bases.sae_train import (
     RowBatches,
@@ -46,14 +52,34 @@ from analoglock.bases.sae_train import (
 )
 
 
+def doc_split(store: ActivationStore):
+    """fit_basis_on_store's document masks (fit, held out) for this harvest (seed 0)."""
+    docs = store.docs()
+    return fit_documents(docs, resolve_split("auto", docs), 0.2, 0)
+
+
+def ensure_harvest(args) -> None:
+    """The harvest the benchmark reads, made here when `args.acts` does not exist yet."""
+    if Path(args.acts).exists():
+        return
+    from analoglock.data import load_documents
+    from analoglock.model import load_model
+
+    docs = load_documents("fable_work")[: args.docs]
+    print(f"[bench] harvesting {len(docs)} fable_work stories into {args.acts}", file=sys.stderr)
+    model = load_model(args.model)
+    harvest_to_disk(model, docs, [args.hook], args.acts, dataset="fable_work", progress=False)
+
+
 def fit_all(args, model) -> dict[str, Any]:
     """fit_basis_on_store for every kind (fit_s: fit + held-out reconstruction), then spliced CE."""
     sae_opts = {"k": args.sae_k, "n_tokens": args.sae_tokens, "batch_size": args.sae_batch,
                 "lr": args.sae_lr, "logger": "none", "progress": False}  # fmt: skip
     store = ActivationStore(args.acts)
     hook = store.hooks[0]
-    _, held = split_documents(store.meta["n_docs"], 0.2, 0)  # fit_basis_on_store's split (seed 0)
+    train, held = doc_split(store)
     held_docs = [d for d, h in zip(store.docs(), held.tolist(), strict=True) if h]
+    mean = rows_from_store(store, hook, doc_mask=train).double().mean(0)  # mean ablation's value
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("svd", "pca", "nmf", "cca", "sae"):
@@ -73,7 +99,7 @@ def fit_all(args, model) -> dict[str, Any]:
                 row.update(
                     {
                         f"heldout/{k}": v
-                        for k, v in splice_quality(model, docs, hook, basis.forward).items()
+                        for k, v in splice_quality(model, docs, hook, basis.forward, mean).items()
                     }
                 )
             out[kind] = row
@@ -122,7 +148,7 @@ def speed(args) -> dict[str, Any]:
     """Tokens/s of both loops, alternating runs; ratio of our cost to theirs (median)."""
     store = ActivationStore(args.acts)
     hook = store.hooks[0]
-    train_docs, _ = split_documents(store.meta["n_docs"], 0.2, 0)
+    train_docs, _ = doc_split(store)
     x = rows_from_store(store, hook, exclude_bos=True, doc_mask=train_docs)
     tokens = args.speed_steps * args.sae_batch
     t_ours, t_theirs = [], []
@@ -156,8 +182,12 @@ def main() -> None:
     p.add_argument("--speed-steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--model", default="smollm2", help="for a harvest made here")
+    p.add_argument("--hook", default="blocks.15.hook_resid_post", help="for a harvest made here")
+    p.add_argument("--docs", type=int, default=None, help="stories in a harvest made here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    ensure_harvest(args)
     model = None
     if args.splice:
         from analoglock.model import load_model

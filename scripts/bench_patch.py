@@ -6,12 +6,14 @@ topk_overlap, sign_agreement (attribution vs exact full ablation over all pairs)
 the block rerun vs a full forward with a hook (+ stop_at_layer) on the same interventions.
 
 Upstream: a saved basis (--upstream DIR) or, by default, a stand-in fit here on a harvest of
-blocks.6.hook_resid_post (positions=all of fable_work): an SAE when analoglock.bases has one
-(`sae`), else NMF (overcomplete: PCA/SVD cannot exceed d_model = 576 directions). Only features
+blocks.6.hook_resid_post (positions=all of fable_work, made here on a fresh clone): an SAE when
+analoglock.bases has one (`sae`), else NMF (overcomplete: PCA/SVD cannot exceed d_model = 576
+directions); `--upstream-kind pca --width 64` gives the PCA 64 x PCA 64 row. Only features
 active on the prompt set are patched. Downstream: PCA 64 at blocks.12.hook_resid_post.
 Timings are wall clock on a shared machine: the JSON records the load average.
 
     .venv/bin/python scripts/bench_patch.py [--n-up 1024] [--prompts 8] [--max-length 32]
+    .venv/bin/python scripts/bench_patch.py --upstream-kind pca --width 64 --n-up 64  # PCA 64 x 64
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-H1, H2 = "blocks.6.hook_resid_post", "blocks.12.hook_resid_post"
+H1, H2 = "blocks.6.hook_resid_post", "blocks.12.hook_resid_post"  # the defaults of --h1, --h2
 
 
 def parse() -> argparse.Namespace:
@@ -34,7 +36,11 @@ def parse() -> argparse.Namespace:
     p.add_argument(
         "--upstream", default=None, help="a saved basis dir at blocks.6 (default: fit a stand-in)"
     )
-    p.add_argument("--upstream-kind", default="auto", choices=["auto", "sae", "nmf"])
+    p.add_argument("--upstream-kind", default="auto", choices=["auto", "sae", "nmf", "pca"])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--h1", default=H1)
+    p.add_argument("--h2", default=H2)
+    p.add_argument("--docs", type=int, default=None, help="stories in a harvest made here")
     p.add_argument("--width", type=int, default=2048, help="stand-in basis width")
     p.add_argument(
         "--n-up", type=int, default=1024, help="upstream features to patch (most active)"
@@ -53,33 +59,36 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def harvest_if_missing(model, out: str):
-    """The layer-6/12 harvest of fable_work (positions=all), made once."""
+def harvest_if_missing(model, out: str, hooks: list[str], n_docs: int | None = None):
+    """The h1/h2 harvest of fable_work (positions=all), made once."""
     from analoglock.activations import ActivationStore, harvest_to_disk
     from analoglock.data import load_documents
 
     if (Path(out) / "meta.json").exists():
         store = ActivationStore(out)
-        if store.meta.get("complete") and {H1, H2} <= set(store.hooks):
+        if store.meta.get("complete") and set(hooks) <= set(store.hooks):
             return store
-    return harvest_to_disk(model, load_documents("fable_work"), [H1, H2], out, dataset="fable_work")
+    docs = load_documents("fable_work")[:n_docs]
+    return harvest_to_disk(model, docs, hooks, out, dataset="fable_work")
 
 
-def fit_upstream(kind: str, x: torch.Tensor, width: int):
-    """The stand-in upstream basis (SAE when available, else NMF), fit on layer-6 rows."""
+def fit_upstream(kind: str, x: torch.Tensor, width: int, hook: str):
+    """The stand-in upstream basis (SAE when available, else NMF; or PCA), fit on h1 rows."""
     from analoglock import bases
 
     if kind == "auto":
         try:
-            return fit_upstream("sae" if "sae" in bases.BASES else "nmf", x, width)
+            return fit_upstream("sae" if "sae" in bases.BASES else "nmf", x, width, hook)
         except Exception as err:  # noqa: BLE001 - the SAE trainer is optional here; say why it fell back
             logging.warning("SAE stand-in failed (%s); using NMF", err)
-            return fit_upstream("nmf", x, width)
+            return fit_upstream("nmf", x, width, hook)
     if kind == "sae":
-        basis = bases.build_basis("sae", n_components=width, hook=H1, architecture="topk", k=32,
-                                  n_tokens=20 * len(x), batch_size=1024, logger="none", progress=False)  # fmt: skip
+        basis = bases.build_basis("sae", n_components=width, hook=hook, architecture="topk", k=min(32, width),
+                                  n_tokens=20 * len(x), batch_size=min(1024, len(x)), logger="none", progress=False)  # fmt: skip
+    elif kind == "pca":
+        basis = bases.build_basis("pca", n_components=width, hook=hook)
     else:
-        basis = bases.build_basis("nmf", n_components=width, hook=H1, n_iter=100, encode_steps=50)
+        basis = bases.build_basis("nmf", n_components=width, hook=hook, n_iter=100, encode_steps=50)
     return kind, basis.fit(x)
 
 
@@ -102,9 +111,10 @@ def main() -> None:
     )
 
     load0 = os.getloadavg()[0]
-    model = load_model("smollm2")
-    store = harvest_if_missing(model, args.harvest)
-    acts = store.load([H1, H2])
+    h1, h2 = args.h1, args.h2
+    model = load_model(args.model)
+    store = harvest_if_missing(model, args.harvest, [h1, h2], args.docs)
+    acts = store.load([h1, h2])
     rows = torch.randperm(len(acts.doc), generator=torch.Generator().manual_seed(0))[
         : args.fit_rows
     ]
@@ -112,11 +122,11 @@ def main() -> None:
     if args.upstream:
         kind, U = "saved", load_basis(args.upstream)
     else:
-        kind, U = fit_upstream(args.upstream_kind, acts.acts[H1][rows].float(), args.width)
+        kind, U = fit_upstream(args.upstream_kind, acts.acts[h1][rows].float(), args.width, h1)
     fit_s = time.perf_counter() - t0
-    V = PCABasis(args.n_down, hook=H2).fit(acts.acts[H2].float())
+    V = PCABasis(args.n_down, hook=h2).fit(acts.acts[h2].float())
     docs = load_documents("fable_work", split="test", side="a", limit=args.prompts)
-    seg = Segment(model, H1, H2)
+    seg = Segment(model, h1, h2)
     prompts = build_prompts(model, docs, max_length=args.max_length)
     cleans = clean_runs(seg, prompts, progress=False)
     with torch.no_grad():
@@ -156,7 +166,7 @@ def main() -> None:
         "upstream_basis": kind,
         "upstream_width": int(U.n_features),
         "upstream_fit_s": round(fit_s, 1),
-        "hooks": [H1, H2],
+        "hooks": [h1, h2],
         "n_prompts": len(prompts),
         "n_positions": ex.n_positions,
         "n_upstream": int(len(up)),

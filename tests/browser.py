@@ -28,8 +28,10 @@ CHROMIUM_FLAGS = (
 
 
 def chromium() -> str | None:
-    """The chromium executable, or None when it is not installed."""
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+    """The chromium executable ($CHROMIUM, or Debian's chromium), or None when there is none."""
+    import os
+
+    return shutil.which(os.environ.get("CHROMIUM", "chromium")) or shutil.which("chromium-browser")
 
 
 def require_chromium() -> str:

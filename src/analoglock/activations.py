@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +22,12 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from analoglock.atomic import save_tensors, write_text
+from analoglock.atomic import check_out_dir, save_tensors, write_text
 from analoglock.data.documents import Document
 from analoglock.hooks import stop_layer, validate_hooks
 from analoglock.model import as_dtype, model_info
 from analoglock.positions import AllTokens
-from analoglock.tokens import pad_ids, prepend_bos_id
+from analoglock.tokens import check_lengths, pad_ids, prepend_bos_id
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,14 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 DOCS_FILE = "docs.jsonl"
 INDEX_KEYS = ("doc", "pos", "token", "span")
+
+
+class HarvestError(ValueError):
+    """A harvest that cannot run as asked, or a harvest directory that cannot be read."""
+
+
+class IncompleteHarvestError(HarvestError):
+    """A harvest directory whose harvest has not finished (resume it, or allow partial rows)."""
 
 
 @dataclass
@@ -77,12 +86,27 @@ class Tokenized:
 
 
 def tokenize_documents(
-    model, docs: Sequence[Document], max_length: int | None = None
+    model,
+    docs: Sequence[Document],
+    max_length: int | None = None,
+    batch_tokens: int | None = None,
+    logits: bool = True,
 ) -> list[Tokenized]:
-    """Tokenize like `model.to_tokens` (BOS prepended when the model does), keeping offsets."""
+    """Tokenize like `model.to_tokens` (BOS prepended when the model does), keeping offsets.
+
+    `max_length` truncates (the only truncation: asked for, and logged). What is left must fit
+    the model's context and the memory of a forward (`tokens.check_lengths`; batches of
+    `batch_tokens` tokens, `logits=False` when the forward stops before the unembedding), or a
+    `ContextLengthError` names the documents before any forward runs.
+    """
     tok = model.tokenizer
     bos = prepend_bos_id(model)
-    enc = tok([d.text for d in docs], add_special_tokens=False, return_offsets_mapping=True)
+    texts = [d.text for d in docs]
+    enc = (
+        tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+        if texts
+        else {"input_ids": [], "offset_mapping": []}
+    )
     out = []
     truncated = 0
     for ids, offs in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
@@ -95,6 +119,15 @@ def tokenize_documents(
         out.append(Tokenized(ids, offs, 1 if bos is not None else 0))
     if truncated:
         log.warning("%d of %d documents truncated to %d tokens", truncated, len(docs), max_length)
+    check_lengths(
+        model,
+        [len(t.ids) for t in out],
+        [d.id for d in docs],
+        batch_tokens=batch_tokens,
+        logits=logits,
+        what="document",
+        fix="set max_length=N to truncate every document to N tokens",
+    )
     return out
 
 
@@ -139,12 +172,51 @@ def _run_batch(
     return {h: captured[h].cpu() for h in hooks}
 
 
+@dataclass(frozen=True)
+class HarvestPlan:
+    """Tokens, selected (position, span) pairs per document, and the batches, before any forward."""
+
+    toks: list[Tokenized]
+    selected: list[list[tuple[int, int]]]
+    batches: list[list[int]]
+
+    @property
+    def n_rows(self) -> int:
+        return sum(len(s) for s in self.selected)
+
+
+def plan_harvest(
+    model, docs: Sequence[Document], positions, batch_tokens: int, max_length: int | None
+) -> HarvestPlan:
+    """Tokenize, select positions and batch; refuse an empty document list or zero selected rows."""
+    if not docs:
+        raise HarvestError("No documents to harvest: the dataset or file gave none.")
+    toks = tokenize_documents(model, docs, max_length, batch_tokens=batch_tokens, logits=False)
+    selected = [
+        positions.select(doc, t.offsets, t.first_real) for doc, t in zip(docs, toks, strict=True)
+    ]
+    plan = HarvestPlan(toks, selected, plan_batches([len(t.ids) for t in toks], batch_tokens))
+    if plan.n_rows == 0:
+        lengths = sorted(len(t.ids) for t in toks)
+        shown = (
+            ", ".join(map(str, lengths))
+            if len(lengths) <= 12
+            else f"{lengths[0]} to {lengths[-1]} (median {lengths[len(lengths) // 2]})"
+        )
+        bos = "index 0 is the BOS token; " if toks[0].first_real else ""
+        raise HarvestError(
+            f"The positions rule {positions!r} selects no token in any of the {len(docs)} "
+            f"documents, whose token lengths are {shown} ({bos}negative indices count from the "
+            "end). Choose positions that exist in these documents."
+        )
+    return plan
+
+
 def _iter_batches(
-    model, docs, hooks, positions, batch_tokens, max_length, store_dtype, start_batch: int = 0
-) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    model, docs, hooks, plan: HarvestPlan, store_dtype, start_batch: int = 0
+) -> Iterator[tuple[int, int, dict[str, torch.Tensor], int]]:
     """Yield (batch number, n batches, rows, real tokens in the batch); rows hold acts and index tensors."""
-    toks = tokenize_documents(model, docs, max_length)
-    batches = plan_batches([len(t.ids) for t in toks], batch_tokens)
+    toks, batches = plan.toks, plan.batches
     stop = stop_layer(hooks, model.cfg.n_layers)
     pad_id = model.tokenizer.pad_token_id
     for b in range(start_batch, len(batches)):
@@ -152,7 +224,7 @@ def _iter_batches(
         ids, mask = pad_ids([toks[i].ids for i in members], pad_id)
         sel_b, sel_p, doc_i, span_i = [], [], [], []
         for r, i in enumerate(members):
-            for pos, span in positions.select(docs[i], toks[i].offsets, toks[i].first_real):
+            for pos, span in plan.selected[i]:
                 sel_b.append(r)
                 sel_p.append(pos)
                 doc_i.append(i)
@@ -202,11 +274,10 @@ def harvest(
     hooks = validate_hooks(model, hooks)
     positions = positions or AllTokens()
     store_dtype = as_dtype(store_dtype)
+    plan = plan_harvest(model, docs, positions, batch_tokens, max_length)
     parts = []
     bar = None
-    for _, n, rows, _ntok in _iter_batches(
-        model, docs, hooks, positions, batch_tokens, max_length, store_dtype
-    ):
+    for _, n, rows, _ntok in _iter_batches(model, docs, hooks, plan, store_dtype):
         if bar is None:
             bar = tqdm(total=n, desc="harvest", unit="batch", disable=not progress)
         parts.append(rows)
@@ -242,18 +313,22 @@ def harvest_to_disk(
     progress: bool = True,
     extra_meta: dict[str, Any] | None = None,
 ) -> ActivationStore:
-    """Stream a harvest into safetensors shards under `out_dir`, resuming an interrupted one."""
+    """Stream a harvest into safetensors shards under `out_dir`, resuming an interrupted one.
+
+    Everything the inputs alone decide (hooks, out_dir, documents, lengths, selected rows) is
+    checked before `out_dir` is created; a harvest that fails before its first committed batch
+    removes the directory it created, so a failed start leaves nothing behind.
+    """
     hooks = validate_hooks(model, hooks)
     positions = positions or AllTokens()
     store_dtype = as_dtype(store_dtype)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out_dir)
     info = model_info(model).to_dict()
     fp = _fingerprint(info, hooks, positions, docs, max_length, store_dtype)
     meta_path = out / META_FILE
-    meta: dict[str, Any]
+    meta: dict[str, Any] | None = None
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(out)
         if meta.get("fingerprint") != fp:
             raise FileExistsError(
                 f"{out} holds a different harvest (model, hooks, positions or documents differ). "
@@ -262,8 +337,38 @@ def harvest_to_disk(
         if meta.get("complete"):
             log.info("Harvest in %s is already complete", out)
             return ActivationStore(out)
+        # a resumed harvest must replay the batches it was started with
+        batch_tokens = int(meta.get("batch_tokens", batch_tokens))
         log.info("Resuming harvest in %s after batch %d", out, meta["batches_done"])
-    else:
+    plan = plan_harvest(model, docs, positions, batch_tokens, max_length)
+    created = not out.exists()
+    try:
+        return _write_harvest(
+            model, docs, hooks, out, plan, meta, fp, info, positions, dataset, batch_tokens,
+            max_length, shard_rows, store_dtype, progress, extra_meta,
+        )  # fmt: skip
+    except BaseException:
+        if created and not _batches_done(out):
+            shutil.rmtree(out, ignore_errors=True)  # nothing to resume: leave nothing behind
+        raise
+
+
+def _batches_done(out: Path) -> int:
+    """Batches committed in a harvest directory (0 when there is no readable meta.json)."""
+    try:
+        return int(json.loads((out / META_FILE).read_text()).get("batches_done", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_harvest(
+    model, docs, hooks, out: Path, plan: HarvestPlan, meta, fp, info, positions, dataset,
+    batch_tokens, max_length, shard_rows, store_dtype, progress, extra_meta,
+) -> ActivationStore:  # fmt: skip
+    """The streaming loop of `harvest_to_disk`: new meta.json or the resumed one, shards, commits."""
+    meta_path = out / META_FILE
+    if meta is None:
+        out.mkdir(parents=True, exist_ok=True)
         write_text(out / DOCS_FILE, "".join(json.dumps(d.to_dict()) + "\n" for d in docs))
         meta = {
             "format_version": FORMAT_VERSION,
@@ -274,11 +379,13 @@ def harvest_to_disk(
             "dataset": dataset,
             "positions": repr(positions),
             "max_length": max_length,
+            "batch_tokens": batch_tokens,
             "n_docs": len(docs),
             "n_rows": 0,
             "n_tokens_seen": 0,
             "shards": [],
             "batches_done": 0,
+            "n_batches": len(plan.batches),
             "complete": False,
             "fingerprint": fp,
             **(extra_meta or {}),
@@ -302,9 +409,7 @@ def harvest_to_disk(
         write_text(meta_path, json.dumps(meta, indent=1))  # the commit point
         buffer, buffered_rows, buffered_tokens = [], 0, 0
 
-    stream = _iter_batches(
-        model, docs, hooks, positions, batch_tokens, max_length, store_dtype, meta["batches_done"]
-    )
+    stream = _iter_batches(model, docs, hooks, plan, store_dtype, meta["batches_done"])
     n_batches = meta["batches_done"]
     for b, n, rows, ntok in stream:
         if bar is None:
@@ -325,9 +430,29 @@ def harvest_to_disk(
     if bar is not None:
         bar.close()
     flush(n_batches)
+    meta["n_batches"] = n_batches
     meta["complete"] = True
     write_text(meta_path, json.dumps(meta, indent=1))
     return ActivationStore(out)
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """A harvest directory's meta.json, with errors that name the directory."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    if path.exists() and not path.is_dir():
+        raise HarvestError(f"{path} is a file, not a harvest directory.")
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{path} is not a harvest directory (no {META_FILE}).")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HarvestError(
+            f"{meta_path} is not valid JSON ({err}); the harvest is corrupt."
+        ) from err
+    if not isinstance(meta, dict):
+        raise HarvestError(f"{meta_path} is not a JSON object; the harvest is corrupt.")
+    return meta
 
 
 class ActivationStore:
@@ -335,10 +460,7 @@ class ActivationStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        meta_path = self.path / META_FILE
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{self.path} is not a harvest directory (no {META_FILE}).")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self.meta: dict[str, Any] = read_meta(self.path)
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{self.path}: harvest format {self.meta.get('format_version')} is not {FORMAT_VERSION}."
@@ -357,20 +479,67 @@ class ActivationStore:
     def __len__(self) -> int:
         return int(self.meta["n_rows"])
 
+    def resume_command(self) -> str:
+        """The command that finishes this harvest (the CLI records its config in meta.json)."""
+        m = self.meta
+        cfg = m.get("config") or {}
+        hooks = ",".join(m["hooks"])
+        parts = ["analoglock-harvest"]
+        name = (cfg.get("data") or {}).get("name") or m.get("dataset")
+        if name:
+            parts.append(f"data.name={name}")
+        parts += [f"'hooks=[{hooks}]'", f"out_dir={self.path}"]
+        for key in ("max_length", "batch_tokens", "store_dtype"):
+            if key in cfg:
+                parts.append(f"{key}={cfg[key]}")
+        return " ".join(parts) + f" (positions: {m['positions']})"
+
+    def require_complete(self) -> None:
+        """Raise `IncompleteHarvestError` naming the missing batches and the resuming command."""
+        if self.complete:
+            return
+        m = self.meta
+        done, total = int(m["batches_done"]), m.get("n_batches")
+        missing = (
+            f"batches {done} to {total - 1} of {total}" if total else f"every batch after {done}"
+        )
+        raise IncompleteHarvestError(
+            f"{self.path} is an incomplete harvest: {len(self)} rows from {done} batches are "
+            f"written, {missing} are missing. Finish it by rerunning the same harvest into that "
+            f"directory (it resumes after batch {done}): {self.resume_command()}. To use the "
+            "partial rows anyway, pass allow_incomplete=true."
+        )
+
     def docs(self) -> list[Document]:
         """The harvested documents, in their original order."""
         with open(self.path / DOCS_FILE, encoding="utf-8") as f:
             return [Document.from_dict(json.loads(line)) for line in f]
 
     def iter_shards(self, hooks: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Each shard's tensors (selected hooks plus index tensors), one at a time."""
+        """Each shard's tensors (selected hooks plus index tensors), one at a time.
+
+        A shard that is missing, truncated, corrupt or shorter than meta.json says raises a
+        `HarvestError` naming it."""
         hooks = list(hooks or self.hooks)
         unknown = [h for h in hooks if h not in self.hooks]
         if unknown:
             raise KeyError(f"Hooks {unknown} are not in this harvest; it has {self.hooks}.")
         for shard in self.meta["shards"]:
-            with safe_open(str(self.path / shard["file"]), framework="pt") as f:
-                yield {k: f.get_tensor(k) for k in [*hooks, *INDEX_KEYS]}
+            path = self.path / shard["file"]
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    tensors = {k: f.get_tensor(k) for k in [*hooks, *INDEX_KEYS]}
+            except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+                raise HarvestError(
+                    f"Shard {path} cannot be read ({type(err).__name__}: {err}): it is missing, "
+                    "truncated or corrupt. Delete the harvest directory and harvest again."
+                ) from err
+            if any(len(t) != shard["rows"] for t in tensors.values()):
+                raise HarvestError(
+                    f"Shard {path} holds {len(tensors['doc'])} rows but meta.json records "
+                    f"{shard['rows']}: the harvest is corrupt. Delete it and harvest again."
+                )
+            yield tensors
 
     def load(self, hooks: Sequence[str] | None = None) -> Activations:
         """All rows in memory, ordered by (document, position)."""

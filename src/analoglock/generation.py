@@ -3,21 +3,154 @@
 Decoding runs through the wrapped Hugging Face model's own `generate` (KV cache, left padding),
 so greedy output equals Hugging Face's; the bridge's hook points still fire because the bridge
 wraps those very modules. This sidesteps the bridge's own `generate`, whose KV-cache path
-produced garbage on SmolLM2 (see FACTS.md). Hooks see the prompt once (all positions), then one
-new position per step.
+produced garbage on SmolLM2 (see `model._pass_kv_cache_to_bridge_attention`). Hooks see the
+prompt once (all positions), then one new position per step.
+
+Owns the decoding cache too. The bridge reimplements attention (so hook_attn_scores and
+hook_pattern see every head): it appends each step's keys and values to HF's dynamic cache (a
+copy of the whole cache per step) and then repeats the grouped key/value heads to the query heads
+(another copy, 3x larger for SmolLM2). At batch 128 those copies were ~60% of a decoding step.
+`ExpandedKVCache` stores keys and values already repeated to the query heads, in buffers sized for
+the whole generation, so a step writes one position and attention reads views: same numbers, no
+copies; it costs `n_heads / n_kv_heads` times the cache memory, and is used when that fits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from analoglock.tokens import pad_ids, prepend_bos_id
+from analoglock.tokens import (
+    MEMORY_FRACTION,
+    available_memory,
+    check_lengths,
+    encode_texts,
+    pad_ids,
+)
+
+log = logging.getLogger(__name__)
 
 Hook = tuple[str, Callable]
+
+
+class ExpandedKVLayer(DynamicLayer):
+    """One layer's keys and values, repeated to the query heads as they arrive, in a buffer sized
+    for the whole generation ([batch, n_kv_heads * n_rep, capacity, d_head]); `keys`/`values`
+    are views of the filled part, so a decoding step copies one position, not the cache."""
+
+    def __init__(self, capacity: int, n_rep: int):
+        super().__init__()
+        self.capacity, self.n_rep, self.length = int(capacity), int(n_rep), 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._k = self._buffer(key_states, self.capacity)
+        self._v = self._buffer(value_states, self.capacity)
+        self.is_initialized = True
+
+    def _buffer(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        b, h, _, d = like.shape
+        return like.new_empty((b, h * self.n_rep, capacity, d))
+
+    def _grow(self, needed: int) -> None:
+        """Only when decoding runs past the planned length (not on generate's path)."""
+        self.capacity = max(needed, 2 * self.capacity)
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = old.new_empty((*old.shape[:2], self.capacity, old.shape[-1]))
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.capacity:
+            self._grow(end)
+        for buf, new in ((self._k, key_states), (self._v, value_states)):
+            b, h, t, d = new.shape  # head j of the buffer holds kv head j // n_rep, as repeat_kv
+            buf[:, :, start:end].view(b, h, self.n_rep, t, d).copy_(
+                new.unsqueeze(2).expand(b, h, self.n_rep, t, d)
+            )
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError(
+            "ExpandedKVCache serves plain greedy/sampled decoding (no beams, cropping or "
+            "reordering); use transformers' DynamicCache for those."
+        )
+
+    crop = batch_repeat_interleave = batch_select_indices = reorder_cache = _unsupported
+
+
+class ExpandedKVCache(DynamicCache):
+    """A dynamic cache whose layers are `ExpandedKVLayer`s (see the module docstring)."""
+
+    def __init__(self, n_layers: int, capacity: int, n_rep: int):
+        Cache.__init__(self, layers=[ExpandedKVLayer(capacity, n_rep) for _ in range(n_layers)])
+
+
+def _grouped_attention(model) -> list[torch.nn.Module]:
+    """The HF attention modules whose bridge reads `num_key_value_groups` after the cache update
+    (TransformerLens's position-embeddings attention: Llama and kin), or [] where another kind
+    of attention, or a sliding window, is in the model (then the default cache is used)."""
+    try:
+        from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (  # noqa: E501
+            PositionEmbeddingsAttentionBridge,
+        )
+    except ImportError:
+        return []
+    config = model.original_model.config
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
+        return []
+    found = [
+        m.original_component
+        for m in model.modules()
+        if isinstance(m, PositionEmbeddingsAttentionBridge)
+        and isinstance(getattr(m.original_component, "num_key_value_groups", None), int)
+    ]
+    return found if len(found) == config.num_hidden_layers else []
+
+
+@contextmanager
+def _expanded_kv_cache(model, rows: int, capacity: int) -> Iterator[dict]:
+    """generate() kwargs for an `ExpandedKVCache` ({} when it does not apply or fit), with the
+    bridge's attention told, meanwhile, that keys and values come already repeated."""
+    attention = _grouped_attention(model)
+    if not attention:
+        yield {}
+        return
+    cfg = model.original_model.config
+    n_rep = attention[0].num_key_value_groups
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype_bytes = next(model.original_model.parameters()).element_size()
+    need = 2 * len(attention) * rows * cfg.num_attention_heads * capacity * d_head * dtype_bytes
+    if need > MEMORY_FRACTION * available_memory(model.cfg.device):
+        log.info("Expanded KV cache (%.1f GiB) does not fit; using the default", need / 2**30)
+        yield {}
+        return
+    saved = [m.num_key_value_groups for m in attention]
+    try:
+        for m in attention:
+            m.num_key_value_groups = 1
+        yield {"cache": ExpandedKVCache(len(attention), capacity, n_rep)}
+    finally:
+        for m, n in zip(attention, saved, strict=True):
+            m.num_key_value_groups = n
 
 
 @dataclass(frozen=True)
@@ -41,15 +174,7 @@ def chat_prompt(model, user_message: str) -> str:
 
 def encode_prompts(model, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and mask, BOS prepended as `model.to_tokens` does (unless the text has it)."""
-    tok = model.tokenizer
-    bos = prepend_bos_id(model)
-    rows = []
-    for p in prompts:
-        ids = tok(p, add_special_tokens=False)["input_ids"]
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        rows.append(ids)
-    return pad_ids(rows, tok.pad_token_id, side="left")
+    return pad_ids(encode_texts(model, prompts), model.tokenizer.pad_token_id, side="left")
 
 
 @torch.no_grad()
@@ -65,9 +190,26 @@ def generate(
     fwd_hooks: Sequence[Hook] = (),
     batch_size: int = 16,
     progress: bool = False,
+    fast_cache: bool = True,
 ) -> Generation:
-    """Greedy or sampled continuations of a batch of prompts, with `fwd_hooks` active throughout."""
+    """Greedy or sampled continuations of a batch of prompts, with `fwd_hooks` active throughout.
+
+    Prompts that cannot be generated from (prompt + max_new_tokens past the model's context, or
+    a prefill over the memory budget) are refused before any decoding (`tokens.check_lengths`).
+    `fast_cache=False` decodes with transformers' default cache instead of `ExpandedKVCache`
+    (same tokens; for comparison).
+    """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    check_lengths(
+        model,
+        [len(r) for r in encode_texts(model, prompts)],
+        [f"prompt {i} ({p[:40]!r})" for i, p in enumerate(prompts)],
+        extra=max_new_tokens,
+        rows=min(batch_size, len(prompts)) or 1,
+        logits=False,  # generate unembeds only the last position
+        what="prompt",
+        fix="lower max_new_tokens",
+    )
     hf = model.original_model
     tok = model.tokenizer
     completions: list[str] = []
@@ -85,7 +227,9 @@ def generate(
         for start in tqdm(starts, desc="generate", disable=not progress):
             ids, mask = encode_prompts(model, prompts[start : start + batch_size])
             device = model.cfg.device
-            with model.hooks(fwd_hooks=list(fwd_hooks)):
+            capacity = ids.shape[1] + max_new_tokens
+            cache = _expanded_kv_cache(model, len(ids), capacity) if fast_cache else nullcontext({})
+            with model.hooks(fwd_hooks=list(fwd_hooks)), cache as cache_kwargs:
                 out = hf.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
@@ -94,6 +238,7 @@ def generate(
                     eos_token_id=eos,
                     repetition_penalty=repetition_penalty,
                     **sampling,
+                    **cache_kwargs,
                 )
             for row in out[:, ids.shape[1] :].tolist():
                 if eos in row:  # rows that stopped early are padded after their EOS

@@ -12,13 +12,19 @@ from torch import Tensor
 
 
 def final_norm_gain(model) -> Tensor | None:
-    """The final norm's elementwise weight [d_model], or None when the model has none."""
+    """The final norm's elementwise gain [d_model], or None when the model has none.
+
+    Gemma's RMSNorm multiplies by (1 + w) rather than w (TransformerLens: cfg.rmsnorm_uses_offset),
+    so its gain is 1 + weight; reading the raw weight would flip and shrink every logit-lens read.
+    """
     ln = getattr(model, "ln_final", None)
     if ln is None:
         return None
+    offset = bool(getattr(getattr(model, "cfg", None), "rmsnorm_uses_offset", False))
     for name, p in ln.named_parameters():
         if name.split(".")[-1] == "weight":
-            return p.detach().float()
+            w = p.detach().float()
+            return 1 + w if offset else w
     return None
 
 

@@ -12,6 +12,7 @@ from analoglock.activations import ActivationStore, harvest, harvest_to_disk, to
 from analoglock.data import Document, load_documents
 from analoglock.hooks import HookNameError, LayerOutOfRangeError, stop_layer, validate_hook
 from analoglock.positions import AllTokens, LastToken, SpanTokens
+from tests.helpers import interrupted_harvest
 
 HOOK = "blocks.1.hook_resid_post"
 TEXTS = [
@@ -125,24 +126,9 @@ def test_disk_round_trip(tiny_model, docs, tmp_path):
 def test_resume_after_interruption(tiny_model, tmp_path, monkeypatch):
     docs = load_documents("fable_work", split="validation")
     full = harvest(tiny_model, docs, [HOOK], progress=False)
-    real = act_mod._run_batch
-    calls = {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(act_mod, "_run_batch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        harvest_to_disk(
-            tiny_model, docs, [HOOK], tmp_path, batch_tokens=512, shard_rows=1, progress=False
-        )
+    interrupted_harvest(monkeypatch, tiny_model, docs, [HOOK], tmp_path, 4, batch_tokens=512, shard_rows=1)  # fmt: skip
     partial = ActivationStore(tmp_path)
     assert not partial.complete and partial.meta["batches_done"] == 3
-    monkeypatch.setattr(act_mod, "_run_batch", real)
-    calls["n"] = 0
     resumed = harvest_to_disk(
         tiny_model, docs, [HOOK], tmp_path, batch_tokens=512, shard_rows=1, progress=False
     )
@@ -187,3 +173,130 @@ def test_cli_domain_stats_stream_equals_in_memory(tiny_model, tmp_path):
     )
     cos = torch.nn.functional.cosine_similarity(x[~is_work].mean(0), x[is_work].mean(0), dim=0)
     assert stats["cos(mean fable, mean work)"] == pytest.approx(float(cos), abs=1e-4)
+
+
+# --- bad inputs and faults: each gets an error that names what to fix, and leaves nothing ---------
+
+
+def test_out_of_range_positions_are_an_error_not_an_empty_harvest(tiny_model, docs, tmp_path):
+    from analoglock.activations import HarvestError
+    from analoglock.positions import TokenIndices
+
+    out = tmp_path / "h"
+    with pytest.raises(
+        HarvestError, match=r"TokenIndices\(indices=\[100000\]\).*token lengths are"
+    ):
+        harvest_to_disk(tiny_model, docs, [HOOK], out, TokenIndices([100000]), progress=False)
+    assert not out.exists()  # refused before out_dir was made
+    with pytest.raises(HarvestError, match="selects no token"):
+        harvest(tiny_model, docs, [HOOK], TokenIndices([100000]), progress=False)
+    with pytest.raises(HarvestError, match="No documents"):
+        harvest_to_disk(tiny_model, [], [HOOK], out, progress=False)
+    assert not out.exists()
+
+
+def test_out_dir_that_is_a_file_is_refused(tiny_model, docs, tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        harvest_to_disk(tiny_model, docs, [HOOK], tmp_path / "taken", progress=False)
+    with pytest.raises(NotADirectoryError, match="a parent of out_dir"):
+        harvest_to_disk(tiny_model, docs, [HOOK], tmp_path / "taken" / "sub", progress=False)
+
+
+def test_failed_start_leaves_nothing_behind(tiny_model, docs, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in the first batch")
+
+    monkeypatch.setattr(act_mod, "_run_batch", broken)
+    with pytest.raises(RuntimeError, match="first batch"):
+        harvest_to_disk(tiny_model, docs, [HOOK], tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_too_long_documents_are_refused_before_any_forward(tiny_model, monkeypatch):
+    from analoglock.tokens import ContextLengthError, check_lengths, forward_bytes, max_tokens
+
+    long = Document("long/0", "word " * 600)  # > the tiny model's 512-token context
+    with pytest.raises(ContextLengthError, match=r"long/0 \(60\d tokens\).*context is 512 tokens.*max_length"):  # fmt: skip
+        tokenize_documents(tiny_model, [long])
+    assert len(tokenize_documents(tiny_model, [long], max_length=100)[0].ids) == 100  # asked
+    called = []
+    monkeypatch.setattr(act_mod, "_run_batch", lambda *a, **k: called.append(1))
+    with pytest.raises(ContextLengthError):
+        harvest(tiny_model, [long], [HOOK], max_length=None, progress=False)
+    assert not called  # refused before the model ran
+    # the memory budget: a forward over 300 tokens needs forward_bytes; half of it is too little
+    need = forward_bytes(tiny_model.cfg, 300)
+    assert max_tokens(tiny_model, budget_bytes=need) >= 300 > max_tokens(tiny_model, budget_bytes=need // 2)  # fmt: skip
+    with pytest.raises(ContextLengthError, match="GiB budget"):
+        check_lengths(tiny_model, [300], ["doc"], budget_bytes=need // 2)
+    with pytest.raises(ContextLengthError, match="64 new tokens"):
+        check_lengths(tiny_model, [500], ["prompt"], extra=64)
+
+
+def test_incomplete_harvest_names_missing_batches_and_resume(tiny_model, tmp_path, monkeypatch):
+    from analoglock.activations import IncompleteHarvestError
+
+    docs = load_documents("fable_work", split="validation")
+    interrupted_harvest(monkeypatch, tiny_model, docs, [HOOK], tmp_path, 3, dataset="fable_work", batch_tokens=512, shard_rows=1)  # fmt: skip
+    store = ActivationStore(tmp_path)
+    n = store.meta["n_batches"]
+    with pytest.raises(IncompleteHarvestError, match=rf"batches 2 to {n - 1} of {n}.*analoglock-harvest.*out_dir={tmp_path}.*allow_incomplete"):  # fmt: skip
+        store.require_complete()
+    # a resumed harvest replays the batches it started with, even if asked for other ones
+    resumed = harvest_to_disk(tiny_model, docs, [HOOK], tmp_path, dataset="fable_work", batch_tokens=4096, progress=False)  # fmt: skip
+    assert resumed.complete and resumed.meta["n_batches"] == n
+    assert torch.equal(resumed.load().pos, harvest(tiny_model, docs, [HOOK], progress=False).pos)
+
+
+def test_truncated_or_short_shard_is_named(tiny_model, docs, tmp_path):
+    from analoglock.activations import HarvestError
+
+    store = harvest_to_disk(tiny_model, docs, [HOOK], tmp_path, shard_rows=7, progress=False)
+    shard = tmp_path / store.meta["shards"][0]["file"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(HarvestError, match=rf"{shard.name}.*truncated or corrupt"):
+        ActivationStore(tmp_path).load()
+    shard.unlink()
+    with pytest.raises(HarvestError, match=shard.name):
+        ActivationStore(tmp_path).load()
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(HarvestError, match="meta.json is not valid JSON"):
+        ActivationStore(tmp_path)
+
+
+def test_artifacts_are_0644_and_json_is_strict(tmp_path):
+    from analoglock.atomic import save_tensors, write_json
+
+    write_json(tmp_path / "m.json", {"fvu": float("nan"), "x": [1.0, float("inf")], "ok": 0.5})
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "fvu": None,
+        "x": [1.0, None],
+        "ok": 0.5,
+    }
+    save_tensors(tmp_path / "t.safetensors", {"a": torch.zeros(2)})
+    for name in ("m.json", "t.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_cli_refuses_empty_data_file_before_loading_the_model(tmp_path):
+    from analoglock.cli.harvest import main
+    from analoglock.data import DatasetFormatError
+    from tests.helpers import compose_cli
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    out = tmp_path / "out"
+    overrides = ["data=file", f"data.name={empty}", f"out_dir={out}", "model=hf",
+                 "model.spec=/no/such/model"]  # fmt: skip
+    with pytest.raises(DatasetFormatError, match=rf"{empty}: no documents"):
+        main.__wrapped__(compose_cli("harvest", overrides))
+    assert not out.exists()
+    (tmp_path / "bad.txt").write_bytes(b"fine line\nna\xefve caf\xe9\n")
+    overrides[1] = f"data.name={tmp_path / 'bad.txt'}"
+    with pytest.raises(
+        DatasetFormatError, match=r"bad.txt:2: not UTF-8 text \(byte 0xef at column 3\)"
+    ):
+        main.__wrapped__(compose_cli("harvest", overrides))

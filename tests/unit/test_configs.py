@@ -34,6 +34,7 @@ ENTRY_CONFIGS = {
     "patch": "analoglock-patch",
     "trace": "analoglock-trace",
     "relations": "analoglock-relations",
+    "export_vector": "analoglock-export-vector",
 }
 PLACEHOLDER = "placeholder"  # stands in for a mandatory (???) value such as basis= or acts=
 

@@ -103,3 +103,21 @@ def test_sampling_is_seeded(tiny_model):
     c = generate(tiny_model, PROMPTS[:2], max_new_tokens=6, do_sample=True, seed=4)
     assert a.new_tokens == b.new_tokens
     assert a.new_tokens != c.new_tokens
+
+
+def test_prompts_that_cannot_fit_are_refused_before_generating(tiny_model, monkeypatch):
+    """Prompt + new tokens past the context (512 here), or a prefill over the memory budget,
+    fail before any decoding, naming the prompt."""
+    from analoglock import tokens
+    from analoglock.tokens import ContextLengthError, encode_texts
+
+    long = "word " * 480
+    called = []
+    monkeypatch.setattr(tiny_model.original_model, "generate", lambda **kw: called.append(kw))
+    with pytest.raises(ContextLengthError, match=r"than 448 tokens \+ 64 new tokens: prompt 1 \('word word.*context is 512"):  # fmt: skip
+        generate(tiny_model, ["Hi", long], max_new_tokens=64)
+    monkeypatch.setattr(tokens, "available_memory", lambda device: 2**20)  # 1 MiB free
+    with pytest.raises(ContextLengthError, match="GiB budget"):
+        generate(tiny_model, ["Hi", "word " * 200], max_new_tokens=4)
+    assert not called
+    assert encode_texts(tiny_model, ["Hi", ""]) == [tiny_model.to_tokens("Hi")[0].tolist(), [1]]

@@ -32,9 +32,15 @@ class BasisArtifactError(ValueError):
 
 
 def as_rows(x: Tensor, name: str = "x") -> Tensor:
-    """Check x is [n, d] with at least one row, as float; fit takes rows, not [..., d]."""
+    """Check x is [n, d] with at least one row, all finite, as float; fit takes rows, not [..., d]."""
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"{name} must be [n, d_model] with n >= 1, got shape {tuple(x.shape)}")
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if bad.any():
+        raise FloatingPointError(
+            f"{int(bad.sum())} of {len(x)} rows of {name} hold NaN or inf (first: row "
+            f"{int(bad.nonzero()[0])}); a basis cannot be fit on them: filter those rows out."
+        )
     return x.detach().float()
 
 

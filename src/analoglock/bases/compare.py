@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from analoglock.bases.matching import decomposition_matrix, match_features
+from analoglock.stats import random_unit_directions
 
 ACTIVE_COEF = 1e-6  # |coefficient| above this counts as a parent
 
@@ -28,10 +29,10 @@ def explained_cosine(
     return F.cosine_similarity((coefs.double() @ few.double()), many.double(), dim=-1).float()
 
 
-def random_unit_directions(n: int, d: int, seed: int) -> Annotated[Tensor, "n d"]:
-    """Isotropic random unit vectors: the control for "how much do the few explain by chance"."""
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g), dim=-1)
+def control_directions(n: int, d: int, seed: int) -> Annotated[Tensor, "n d"]:
+    """Isotropic random unit vectors (float32, seeded): the control for "how much do the few
+    explain by chance" (`stats.random_unit_directions`)."""
+    return random_unit_directions(n, d, torch.Generator().manual_seed(seed), torch.float32)
 
 
 def decompose(
@@ -41,7 +42,7 @@ def decompose(
     few = F.normalize(few_dirs.float(), dim=-1)
     many = F.normalize(many_dirs.float(), dim=-1)
     coefs = decomposition_matrix(few, many, l1=l1, steps=steps)
-    control_dirs = random_unit_directions(len(many), many.shape[1], seed)
+    control_dirs = control_directions(len(many), many.shape[1], seed)
     control_coefs = decomposition_matrix(few, control_dirs, l1=l1, steps=steps)
     explained = explained_cosine(coefs, few, many)
     control = explained_cosine(control_coefs, few, control_dirs)
@@ -82,7 +83,7 @@ def compare_bases(
         )
     match = match_features(few.directions, many.directions)
     control_match = match_features(
-        few.directions, random_unit_directions(many.n_features, many.directions.shape[1], seed)
+        few.directions, control_directions(many.n_features, many.directions.shape[1], seed)
     )
     dec = decompose(few.directions, many.directions, l1=l1, steps=steps, seed=seed)
     return {

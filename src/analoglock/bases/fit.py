@@ -1,5 +1,11 @@
 """Fit a feature basis on a stored harvest and measure it: reconstruction on held-out documents,
-and the model's next-token loss with the reconstruction spliced in (CE recovered vs zero-ablation)."""
+and the model's next-token loss with the reconstruction spliced in (CE increase in nats, CE
+recovered against zero- and mean-ablation).
+
+Owns which rows a basis is fit on. A harvest of a domain-pair dataset is fit on its train split
+only (`split="auto"`), so a basis under a lock never saw the lock's held-out stories; other
+harvests hold out whole documents at random. Refuses an incomplete harvest unless asked.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,17 @@ from typing import Any
 
 import torch
 
-from analoglock.activations import ActivationStore
-from analoglock.atomic import write_json
-from analoglock.bases import build_basis
+from analoglock.activations import Activations, ActivationStore, HarvestError
+from analoglock.atomic import check_out_dir, write_json
+from analoglock.bases import basis_class, build_basis
 from analoglock.bases.quality import splice_quality
 from analoglock.model import model_info
 
 log = logging.getLogger(__name__)
+
+SPLITS = ("auto", "train", "all")  # auto: train for a domain-pair harvest, else all
+TRAIN = "train"
+CCA_TOP = 10  # canonical pairs reported
 
 
 def split_documents(
@@ -29,36 +39,149 @@ def split_documents(
     return ~held, held
 
 
-def cca_fit_and_eval(basis, paired, seed: int = 0, top: int = 10) -> dict[str, Any]:
-    """Fit CCA on the train/validation pairs; correlations on held-out test pairs beside shuffled ones.
+def is_pair_harvest(docs) -> bool:
+    """Whether the harvested documents come from a domain-pair dataset (each has a pair and split)."""
+    return bool(docs) and all("pair" in d.meta and "split" in d.meta for d in docs)
+
+
+def resolve_split(split: str | None, docs) -> str:
+    """ "train" or "all": `auto` is train for a domain-pair harvest; train needs split metadata."""
+    split = "all" if split is None else str(split)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split == "auto":
+        has_train = any(d.meta.get("split") == TRAIN for d in docs)
+        if is_pair_harvest(docs) and not has_train:
+            log.warning("This domain-pair harvest holds no train-split document: fitting on all")
+        return TRAIN if is_pair_harvest(docs) and has_train else "all"
+    if split == TRAIN and not all("split" in d.meta for d in docs):
+        raise ValueError(
+            "split=train needs a harvest of a dataset with splits (a domain-pair or concept set); "
+            "this harvest's documents carry none. Use split=all."
+        )
+    return split
+
+
+def fit_documents(
+    docs, split: str, holdout_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks over documents (fit on, held out for quality numbers).
+
+    split="train": fit on the train split's documents, held out = every other split's (or, for a
+    harvest of the train split alone, a random `holdout_fraction` of its documents)."""
+    if split != TRAIN:
+        return split_documents(len(docs), holdout_fraction, seed)
+    train = torch.tensor([d.meta["split"] == TRAIN for d in docs])
+    if not train.any():
+        raise ValueError("split=train: the harvest holds no document of the train split.")
+    if train.all():
+        idx = train.nonzero().flatten()
+        fit, held = split_documents(len(idx), holdout_fraction, seed)
+        return train & _scatter(idx, fit, len(docs)), _scatter(idx, held, len(docs))
+    return train, ~train
+
+
+def _scatter(idx: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.zeros(n, dtype=torch.bool)
+    out[idx[mask]] = True
+    return out
+
+
+def check_finite_rows(x: torch.Tensor, acts: Activations, hook: str) -> None:
+    """Refuse NaN/inf rows, naming the first one's harvest row, document and token position."""
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if bad.any():
+        r = int(bad.nonzero()[0])
+        doc = acts.docs[int(acts.doc[r])].id if acts.docs else int(acts.doc[r])
+        raise FloatingPointError(
+            f"{int(bad.sum())} of {len(x)} activation rows at {hook} hold NaN or inf (first: row "
+            f"{r}, document {doc!r}, token {int(acts.pos[r])}); the harvest is broken (check the "
+            "model dtype) or the rows need filtering before a basis can be fit."
+        )
+
+
+def open_harvest(
+    acts_dir: str | Path, kind: str, out_dir: str | Path, hook: str | None = None,
+    allow_incomplete: bool = False,
+) -> tuple[ActivationStore, str]:  # fmt: skip
+    """The checks that need only the inputs, before any model loads: a readable, complete
+    harvest holding `hook`, a known basis kind, and an out_dir that can be a directory."""
+    basis_class(kind)
+    check_out_dir(out_dir)
+    store = ActivationStore(acts_dir)
+    if not allow_incomplete:
+        store.require_complete()
+    elif not store.complete:
+        log.warning("Fitting on the %d rows of the incomplete harvest %s", len(store), acts_dir)
+    hook = hook or store.hooks[0]
+    if hook not in store.hooks:
+        raise HarvestError(f"Hook {hook!r} is not in the harvest {acts_dir}; it has {store.hooks}.")
+    if len(store) == 0:
+        raise HarvestError(f"The harvest {acts_dir} holds no rows.")
+    return store, hook
+
+
+def cca_fit_and_eval(
+    basis, paired, seed: int = 0, top: int = CCA_TOP, fit_split: str = "all"
+) -> dict[str, Any]:
+    """Fit CCA on paired rows; correlations on held-out test pairs beside deranged partners.
 
     In-sample canonical correlations of a few hundred pairs in hundreds of dims are ~1 whatever
-    the data: only held-out correlations, next to those of deranged partners, say anything.
+    the data: only held-out correlations, next to those of deranged partners, say anything. The
+    control re-pairs rows within their view (story with story, role with role): a story-with-role
+    mispairing is wrong for a trivial reason. Correlations are also given per view, centred
+    within the view, since a pooled correlation can come from the story means and the role
+    tokens lying apart rather than from what pairs them. `fit_split="train"` fits on the train
+    split only (validation is left to the lock's model selection); "all" on every non-test pair.
     """
     from analoglock.bases.cca import variate_correlations
-    from analoglock.stats import derange
+    from analoglock.paired import view_group
+    from analoglock.stats import derange_within
 
     held_rows = [s == "test" for s in paired.split]
-    if all(held_rows) or not any(
-        held_rows
-    ):  # a harvest of one split: hold out whole pairs ourselves
+    fit_rows = [(s == TRAIN) if fit_split == TRAIN else (s != "test") for s in paired.split]
+    if all(held_rows) or not any(held_rows) or not any(fit_rows):
+        # a harvest of one split: hold out whole pairs ourselves
         ids = sorted(set(paired.pair))
         _, held_ids = split_documents(len(ids), 0.2, seed)
         held_set = {i for i, h in zip(ids, held_ids.tolist(), strict=True) if h}
         held_rows = [p in held_set for p in paired.pair]
+        fit_rows = [not h for h in held_rows]
     held_idx = torch.tensor([i for i, h in enumerate(held_rows) if h])
-    fit_idx = torch.tensor([i for i, h in enumerate(held_rows) if not h])
+    fit_idx = torch.tensor([i for i, f in enumerate(fit_rows) if f])
     basis.fit_pair(paired.a[fit_idx], paired.b[fit_idx])
-    test_a, test_b = paired.a[held_idx], paired.b[held_idx]
-    held = variate_correlations(basis, test_a, test_b)
-    perm = derange(len(held_idx), torch.Generator().manual_seed(seed))
-    control = variate_correlations(basis, test_a, test_b[perm])
+    groups = [view_group(paired.view[i]) for i in held_idx.tolist()]
+    gen = torch.Generator().manual_seed(seed)
+
+    def scores(rows: torch.Tensor, views: list[str]) -> dict[str, Any]:
+        a, b = paired.a[rows], paired.b[rows]
+        held = variate_correlations(basis, a, b)
+        control = variate_correlations(basis, a, b[derange_within(views, gen)])
+        return {
+            "n_pairs": len(rows),
+            "canonical_correlations": held.tolist()[:top],
+            "shuffled_control": control.tolist()[:top],
+            "mean_correlation_top": float(held[:top].mean()),
+            "mean_correlation_top_shuffled_control": float(control[:top].mean()),
+        }
+
+    pooled = scores(held_idx, groups)
+    by_view = {}
+    for g in sorted(set(groups)):
+        rows = held_idx[torch.tensor([v == g for v in groups])]
+        if len(rows) >= 3:  # a correlation (and a derangement) needs a few rows
+            by_view[g] = scores(rows, [g] * len(rows))
     return {
         "canonical_correlations_in_sample": basis.canonical_correlations.tolist()[:top],
-        "heldout/canonical_correlations": held.tolist()[:top],
-        "heldout/canonical_correlations_shuffled_control": control.tolist()[:top],
-        "heldout/mean_correlation_top": float(held[:top].mean()),
-        "heldout/mean_correlation_top_shuffled_control": float(control[:top].mean()),
+        "heldout/canonical_correlations": pooled["canonical_correlations"],
+        "heldout/canonical_correlations_shuffled_control": pooled["shuffled_control"],
+        "heldout/mean_correlation_top": pooled["mean_correlation_top"],
+        "heldout/mean_correlation_top_shuffled_control": pooled[
+            "mean_correlation_top_shuffled_control"
+        ],
+        "heldout/by_view": by_view,
+        "control": "partners deranged within each view (story with story, role with role)",
+        "fit_split": fit_split,
         "n_pairs": {"fit": len(fit_idx), "heldout": len(held_idx)},
     }
 
@@ -74,19 +197,28 @@ def fit_basis_on_store(
     model=None,
     splice_docs: int = 32,
     basis_kwargs: dict[str, Any] | None = None,
+    split: str | None = "auto",
+    allow_incomplete: bool = False,
 ) -> dict[str, Any]:
-    """Fit `kind` with `n_features` on a harvest, save it to `out_dir`, and return its metrics."""
-    store = ActivationStore(acts_dir)
-    hook = hook or store.hooks[0]
+    """Fit `kind` with `n_features` on a harvest, save it to `out_dir`, and return its metrics.
+
+    `split`: "auto" (train for a domain-pair harvest, else all), "train" or "all" (documents
+    held out at random, `holdout_fraction` of them). An incomplete harvest is refused unless
+    `allow_incomplete`.
+    """
+    store, hook = open_harvest(acts_dir, kind, out_dir, hook, allow_incomplete)
     acts = store.load([hook])
     x = acts.acts[hook].float()
-    train_docs, held_docs = split_documents(len(acts.docs), holdout_fraction, seed)
+    check_finite_rows(x, acts, hook)
+    split = resolve_split(split, acts.docs)
+    train_docs, held_docs = fit_documents(acts.docs, split, holdout_fraction, seed)
     train_rows, held_rows = train_docs[acts.doc], held_docs[acts.doc]
     basis = build_basis(kind, n_components=n_features, hook=hook, **(basis_kwargs or {}))
     if kind == "cca":
         from analoglock.paired import pool_pairs
 
-        metrics: dict[str, Any] = cca_fit_and_eval(basis, pool_pairs(acts, hook), seed)
+        paired = pool_pairs(acts, hook, ("story", "roles"))
+        metrics: dict[str, Any] = cca_fit_and_eval(basis, paired, seed, fit_split=split)
     elif kind == "sae":  # positions let the SAE trainer drop BOS rows; it reports its run
         basis.fit(x[train_rows], pos=acts.pos[train_rows])
         metrics = {"sae_training": basis.train_stats}
@@ -103,10 +235,15 @@ def fit_basis_on_store(
                 f"model {model_info(model).spec!r}; spliced loss needs the same model."
             )
         docs = [d for d, h in zip(acts.docs, held_docs.tolist(), strict=True) if h][:splice_docs]
+        mean = x[train_rows & (acts.pos > 0)].double().mean(0)  # mean ablation: training tokens
         metrics.update(
-            {f"heldout/{k}": v for k, v in splice_quality(model, docs, hook, basis.forward).items()}
+            {
+                f"heldout/{k}": v
+                for k, v in splice_quality(model, docs, hook, basis.forward, mean=mean).items()
+            }
         )
     metrics.update({"kind": kind, "hook": hook, "n_features": basis.n_features, "acts": str(acts_dir),
+                    "split": split, "n_docs": {"fit": int(train_docs.sum()), "heldout": int(held_docs.sum())},
                     "n_rows": {"train": int(train_rows.sum()), "heldout": int(held_rows.sum())}})  # fmt: skip
     out = Path(out_dir)
     basis.save(out, model=store.meta["model"])

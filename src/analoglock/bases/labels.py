@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from analoglock.atomic import write_json
 from analoglock.bases.base import ACTIVE_EPS, BASIS_FILE, read_basis_cfg
 from analoglock.bases.contexts import Context, feature_codes, random_contexts, top_contexts
 from analoglock.generation import chat_prompt, generate
-from analoglock.tokens import pad_ids, prepend_bos_id
+from analoglock.tokens import check_lengths, encode_texts, pad_ids
 
 log = logging.getLogger(__name__)
 
@@ -244,13 +243,8 @@ def yes_no_logodds(
 @torch.no_grad()
 def last_token_logits(model, prompts: Sequence[str]) -> Annotated[Tensor, "batch d_vocab"]:
     """Next-token logits after each prompt: one right-padded forward, unembedding only the last token."""
-    tok = model.tokenizer
-    bos = prepend_bos_id(model)
-    rows = []
-    for p in prompts:
-        ids = tok(p, add_special_tokens=False)["input_ids"]
-        rows.append(ids if bos is None or (ids and ids[0] == bos) else [bos, *ids])
-    ids, mask = pad_ids(rows, tok.pad_token_id, side="right")  # right: positions as unpadded
+    rows = encode_texts(model, prompts)
+    ids, mask = pad_ids(rows, model.tokenizer.pad_token_id, side="right")  # right: as unpadded
     hf = model.original_model
     device = model.cfg.device
     hidden = hf.base_model(
@@ -266,7 +260,9 @@ def score_questions(
 ) -> Annotated[Tensor, "n"]:
     """log P(Yes)/P(No) of each prompt's next token, batched by length (one forward per batch)."""
     yes, no = answer_ids(model.tokenizer, YES), answer_ids(model.tokenizer, NO)
-    lengths = [len(model.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    lengths = [len(r) for r in encode_texts(model, prompts)]
+    check_lengths(model, lengths, [f"detection prompt {i}" for i in range(len(prompts))],
+                  rows=batch_size, logits=False, what="prompt", fix="show shorter contexts")  # fmt: skip
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])  # less padding per batch
     scores = torch.empty(len(prompts))
     starts = range(0, len(order), batch_size)
@@ -491,19 +487,8 @@ def write_labels(basis_dir: str | Path, labels: dict[int, dict], model_info) -> 
         "features": {str(int(f)): e for f, e in sorted(labels.items())},
     }
     path = labels_path(basis_dir)
-    write_json(path, _finite(doc))
+    write_json(path, doc)  # strict JSON: undefined numbers become null
     return path
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf floats become None so the file is strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def read_labels(basis_dir: str | Path, model=None) -> dict[int, dict]:

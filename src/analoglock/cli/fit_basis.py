@@ -7,14 +7,17 @@ import json
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from analoglock.cli._conf import CONF_DIR
+from analoglock.cli._conf import CONF_PATH
 
 
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="fit_basis")
+@hydra.main(version_base=None, config_path=CONF_PATH, config_name="fit_basis")
 def main(cfg: DictConfig) -> None:
-    """Fit, measure, save; print metrics.json."""
-    from analoglock.bases.fit import fit_basis_on_store
+    """Check the harvest and out_dir, load the model if splicing, fit, measure, save; print metrics."""
+    from analoglock.atomic import finite
+    from analoglock.bases.fit import fit_basis_on_store, open_harvest
 
+    # everything the inputs alone decide fails here, before the model loads
+    open_harvest(cfg.acts, cfg.basis, cfg.out_dir, cfg.hook, cfg.allow_incomplete)
     model = (
         hydra.utils.instantiate(cfg.model) if cfg.splice_docs > 0 and cfg.basis != "cca" else None
     )
@@ -29,8 +32,10 @@ def main(cfg: DictConfig) -> None:
         model,
         cfg.splice_docs,
         basis_kwargs=OmegaConf.to_container(cfg.sae, resolve=True) if cfg.basis == "sae" else None,
+        split=cfg.split,
+        allow_incomplete=cfg.allow_incomplete,
     )
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(finite(metrics), indent=2, allow_nan=False))
     print(f"wrote {cfg.out_dir}/ (cfg.json, weights, metrics.json)")
 
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from analoglock.activations import META_FILE, ActivationStore, harvest_to_disk
-from analoglock.cli._conf import CONF_DIR
+from analoglock.activations import META_FILE, ActivationStore, HarvestError, harvest_to_disk
+from analoglock.atomic import check_out_dir, finite
+from analoglock.cli._conf import CONF_PATH
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,31 @@ def domain_stats(store: ActivationStore) -> dict:
     return out
 
 
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="harvest")
+def build(node: DictConfig):
+    """hydra.utils.instantiate, raising the loader's own error (which names the file and line)
+    instead of Hydra's wrapper around it."""
+    try:
+        return hydra.utils.instantiate(node)
+    except InstantiationException as err:
+        if err.__cause__ is not None:
+            raise err.__cause__ from None
+        raise
+
+
+@hydra.main(version_base=None, config_path=CONF_PATH, config_name="harvest")
 def main(cfg: DictConfig) -> None:
     """Load the model and data from config, harvest to `out_dir`, print a JSON summary."""
     hooks = cfg.hooks
     hooks = list(hooks) if isinstance(hooks, ListConfig) else [str(hooks)]
+    # what the inputs alone decide fails before the model loads (7 s) and before out_dir exists
+    check_out_dir(cfg.out_dir)
+    docs = build(cfg.data)
+    if not docs:
+        raise HarvestError(f"data={cfg.data.get('name', cfg.data)} gave no documents; nothing to harvest.")  # fmt: skip
+    positions = build(cfg.positions)
     t0 = time.perf_counter()
     model = hydra.utils.instantiate(cfg.model)
     t_load = time.perf_counter() - t0
-    docs = hydra.utils.instantiate(cfg.data)
-    positions = hydra.utils.instantiate(cfg.positions)
     meta_path = Path(cfg.out_dir) / META_FILE
     tokens_before = json.loads(meta_path.read_text())["n_tokens_seen"] if meta_path.exists() else 0
     t1 = time.perf_counter()
@@ -84,7 +101,7 @@ def main(cfg: DictConfig) -> None:
     new_tokens = summary["n_tokens_seen"] - tokens_before  # only what this run computed
     summary["tokens_per_s"] = round(new_tokens / seconds, 1) if new_tokens and seconds > 0 else None
     summary["by_group"] = domain_stats(store)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(finite(summary), indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

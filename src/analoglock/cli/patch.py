@@ -12,9 +12,10 @@ import logging
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from analoglock.cli._conf import CONF_DIR
+from analoglock.cli._args import as_list
+from analoglock.cli._conf import CONF_PATH
 
 log = logging.getLogger(__name__)
 
@@ -30,31 +31,25 @@ def position_rule_from(spec: Any, include_bos: bool):
     return position_rule(str(spec))
 
 
-def as_list(value: Any) -> list | None:
-    """A Hydra list (or scalar) as a Python list; None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, ListConfig):
-        return OmegaConf.to_container(value)
-    return value if isinstance(value, list) else [value]
-
-
 def load_docs(name: Any, cfg: DictConfig, classes: Any):
     """Documents from a dataset name or a file, with the run's split/side/limit."""
     from analoglock.data import load_documents
 
     if name is None:
         return None
-    return load_documents(str(name), split=cfg.split, side=cfg.side, classes=as_list(classes), limit=cfg.limit)  # fmt: skip
+    return load_documents(str(name), split=cfg.split, side=cfg.side, classes=as_list(classes, none="keep"), limit=cfg.limit)  # fmt: skip
 
 
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="patch")
+@hydra.main(version_base=None, config_path=CONF_PATH, config_name="patch")
 def main(cfg: DictConfig) -> None:
     """Check the arguments, load the model and prompts, run, print the summary."""
+    from analoglock.atomic import check_out_dir, finite
     from analoglock.patching.graph import Thresholds
     from analoglock.patching.run import check_args, preflight, run_patch
+    from analoglock.reports.patch import write_run_report
 
     check_args(cfg.mode, cfg.alpha, cfg.method)  # fail before the model loads
+    check_out_dir(cfg.out_dir)
     preflight(cfg.upstream, cfg.downstream)
     thresholds = Thresholds(**OmegaConf.to_container(cfg.threshold))
     docs = load_docs(cfg.prompts, cfg, cfg.classes)
@@ -62,7 +57,7 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"prompts={cfg.prompts!r} gave no documents (split={cfg.split}, limit={cfg.limit}).")  # fmt: skip
     sources = load_docs(cfg.source, cfg, cfg.source_classes)
     model = hydra.utils.instantiate(cfg.model)
-    summary = run_patch(
+    run = run_patch(
         model,
         cfg.upstream,
         cfg.downstream,
@@ -75,8 +70,8 @@ def main(cfg: DictConfig) -> None:
         sources=sources,
         intervene_at=position_rule_from(cfg.intervene_at, cfg.include_bos),
         measure_at=position_rule_from(cfg.measure_at, cfg.include_bos),
-        upstream_features=as_list(cfg.upstream_features),
-        downstream_features=as_list(cfg.downstream_features),
+        upstream_features=as_list(cfg.upstream_features, none="keep"),
+        downstream_features=as_list(cfg.downstream_features, none="keep"),
         max_upstream=cfg.max_upstream,
         thresholds=thresholds,
         agreement_k=cfg.agreement_k,
@@ -86,8 +81,9 @@ def main(cfg: DictConfig) -> None:
         max_length=cfg.max_length,
         progress=cfg.progress,
     )
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {cfg.out_dir}/graph.json, effects.safetensors, report.html")
+    report = write_run_report(run)
+    print(json.dumps(finite(run.summary), indent=2, allow_nan=False))
+    print(f"wrote {cfg.out_dir}/graph.json, effects.safetensors, {report.name}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from analoglock.data.documents import DatasetFormatError, Document, Span, read_text_documents
+from analoglock.data.documents import (
+    DatasetFormatError,
+    Document,
+    Span,
+    read_text_documents,
+    read_utf8_lines,
+)
 
 DATA_DIR = Path(__file__).parent
 FORMAT_VERSION = 1
@@ -75,17 +81,16 @@ def _dataset_path(name: str, kind: str) -> Path:
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every line; blank or non-object lines are errors."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                raise DatasetFormatError(f"{path}:{lineno}: blank line (one JSON object per line)")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(obj, dict):
-                raise DatasetFormatError(f"{path}:{lineno}: expected a JSON object")
-            rows.append((lineno, obj))
+    for lineno, line in read_utf8_lines(path):
+        if not line.strip():
+            raise DatasetFormatError(f"{path}:{lineno}: blank line (one JSON object per line)")
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(obj, dict):
+            raise DatasetFormatError(f"{path}:{lineno}: expected a JSON object")
+        rows.append((lineno, obj))
     if not rows:
         raise DatasetFormatError(f"{path}: empty dataset")
     return rows
@@ -300,12 +305,11 @@ def load_documents(
 def _user_documents(path: Path, split, side, classes) -> list[Document]:
     """Sniff a user file's format from its first line and load it."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            first = f.readline()
+        lineno, first = next(((n, line) for n, line in read_utf8_lines(path) if line.strip()), (1, ""))  # fmt: skip
         try:
             head = json.loads(first) if first.strip() else {}
         except json.JSONDecodeError as err:
-            raise DatasetFormatError(f"{path}:1: not valid JSON ({err.msg})") from err
+            raise DatasetFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
         if "roles" in head:
             return pair_documents(load_pairs(str(path), split), side, dataset=path.stem)
         if "template" in head or "texts" in head:

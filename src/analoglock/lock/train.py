@@ -140,6 +140,12 @@ def fit(
             return module, lock_cb, int(state["epoch"]) + 1
         log.info("Resuming from %s", resume)
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    best = getattr(callbacks.get("model_checkpoint"), "best_model_path", "")
+    if best and not lock_cb.locked:
+        # No lock: keep the epoch that was best on validation, not the last (maps overfit).
+        state = torch.load(best, weights_only=True, map_location="cpu")
+        module.load_state_dict(state["state_dict"])
+        log.info("Not locked; keeping the best validation epoch's map (%s)", best)
     return module, lock_cb, trainer.current_epoch
 
 

@@ -41,6 +41,7 @@ from analoglock.patching.prompts import build_prompts
 from analoglock.patching.readouts import TokenLogits
 from analoglock.patching.segment import CleanRun, Segment
 from analoglock.positions import AllTokens, LastToken
+from analoglock.stats import random_unit_directions
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,7 @@ def rank_upstream(
         "drive": drive,
         "top": top,
         "features": features,
+        "checked": rows.tolist(),  # the top k and k random others, in the agreement's order
         "agreement": agreement(ex, at, k=len(top)),
         "control_abs_mean": round(float(exact_ctrl.abs().mean()), 5),
         "random_features_exact_abs_mean": round(float(exact_drive[len(top) :].abs().mean()), 5)
@@ -306,7 +308,7 @@ def principal_cosines(q1: Tensor, q2: Tensor) -> Tensor:
 
 def random_subspace(d: int, r: int, gen: torch.Generator) -> Tensor:
     """A uniformly random r-dimensional subspace of R^d (orthonormal rows)."""
-    q, _ = torch.linalg.qr(torch.randn(d, r, generator=gen, dtype=torch.float64))
+    q, _ = torch.linalg.qr(random_unit_directions(r, d, gen).T)  # spans of Gaussians: uniform
     return q.T
 
 

@@ -3,7 +3,8 @@
 Owns turning `Effects` into `graph.json`: one node per feature at either end of a kept edge
 ({id, side, layer, hook, basis, feature, tokens, suppressed, label, activation, importance}) and
 one edge per kept pair ({source, target, effect, control, attribution, attribution_control,
-beats_control: |effect| above its own control and the controls' 95th percentile}); pruning by
+beats_control: |effect| above its own control and the controls' 95th percentile, p_control: the
+empirical p of |effect| against every pair's control pooled}); pruning by
 node importance (mean |code| on the prompt set, or total |effect|) as quantile thresholds plus
 the strongest `edges`; and the threshold study that says what pruning costs. Knows nothing of how effects were computed beyond the `Effects` it is given.
 """
@@ -21,6 +22,7 @@ from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
 
 from analoglock.patching.exact import Effects
+from analoglock.stats import empirical_p
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +216,7 @@ def build_graph(
         if controls is not None
         else None
     )
+    null = controls.abs().flatten().double() if controls is not None else None
     nodes = []
     for side, basis, ids, rows, act, imp, bdir in (
         ("upstream", upstream, main.upstream, used_up, act_up, e.abs().sum(1), upstream_dir),
@@ -268,6 +271,7 @@ def build_graph(
                 )
         if floor is not None:
             rec["beats_control"] = abs(float(e[i, j])) > max(floor, abs(float(controls[i, j])))
+            rec["p_control"] = round(empirical_p(abs(float(e[i, j])), null), 6)
         edge_records.append(rec)
     return {
         **(meta or {}),
@@ -290,6 +294,15 @@ def build_graph(
         },  # fmt: skip
         "control_floor": floor,
         "control_floor_quantile": CONTROL_QUANTILE,
+        "control_null": None
+        if null is None
+        else {
+            "what": "|effect| of the same intervention along an isotropic random direction of "
+            "equal norm, pooled over every (upstream, downstream) pair",
+            "n_draws": len(null),
+            "n_directions": int(len(main.upstream)),  # draws of one row share its direction
+            "p_control": "(1 + #null >= |effect|) / (1 + n_draws), one-sided",
+        },
         "nodes": nodes,
         "edges": edge_records,
     }

@@ -25,6 +25,8 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
+from analoglock.stats import random_unit_directions
+
 MODES = ("ablate", "partial", "mean", "patch")
 
 
@@ -129,7 +131,6 @@ def random_directions(
 ) -> Annotated[Tensor, "n d_model"]:
     """Isotropic random directions (seeded), each with the norm of the matching row."""
     gen = torch.Generator().manual_seed(int(seed))
-    r = torch.randn(directions.shape, generator=gen, dtype=torch.float64)
-    norms = directions.detach().double().norm(dim=-1, keepdim=True)
-    r = r / r.norm(dim=-1, keepdim=True) * norms
+    r = random_unit_directions(len(directions), directions.shape[-1], gen)
+    r = r * directions.detach().double().cpu().norm(dim=-1, keepdim=True)
     return r.to(dtype=directions.dtype, device=directions.device)

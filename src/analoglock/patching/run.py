@@ -1,22 +1,23 @@
-"""One patching run from saved bases to `graph.json`, `effects.safetensors` and `report.html`.
+"""One patching run from saved bases to `graph.json` and `effects.safetensors`.
 
 Owns the checks a run needs before any compute (both bases fit on the loaded model, h2 not
 before h1, alpha in [0, 1], a non-empty prompt set, sources for counterfactual patching) and the
-order of the steps; the math lives in the other modules of this package.
+order of the steps; the math lives in the other modules of this package. The HTML report is
+drawn from the returned `PatchRun` by `analoglock.reports.patch` (reports sit above patching).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from analoglock.atomic import save_tensors, write_json
+from analoglock.atomic import check_out_dir, finite, save_tensors, write_json
 from analoglock.bases import load_basis
 from analoglock.bases.base import read_basis_cfg
 from analoglock.data.documents import Document
@@ -32,7 +33,19 @@ from analoglock.patching.segment import PatchSetupError, Segment, is_after, site
 log = logging.getLogger(__name__)
 
 METHODS = ("exact", "attribution", "both")
-GRAPH_FILE, EFFECTS_FILE, REPORT_FILE = "graph.json", "effects.safetensors", "report.html"
+GRAPH_FILE, EFFECTS_FILE = "graph.json", "effects.safetensors"
+
+
+@dataclass
+class PatchRun:
+    """What one run computed: the printed summary, graph.json's content, and the effects behind it."""
+
+    summary: dict[str, Any]
+    graph: dict[str, Any]
+    effects: dict[str, Effects]
+    agreement: dict[str, Any] | None
+    threshold_study: dict[str, Any]
+    out_dir: Path
 
 
 def basis_model_sha(basis_dir: str | Path) -> str | None:
@@ -115,12 +128,12 @@ def run_patch(
     batch_tokens: int = 8192,
     max_length: int | None = 256,
     progress: bool = True,
-    report: bool = True,
-) -> dict[str, Any]:
-    """Effects of every (kept) upstream feature on every downstream code; writes the artifacts."""
+) -> PatchRun:
+    """Effects of every (kept) upstream feature on every downstream code; writes graph + effects."""
     t0 = time.perf_counter()
     thresholds = thresholds or Thresholds()
     check_args(mode, alpha, method)
+    out = check_out_dir(out_dir)
     preflight(upstream_dir, downstream_dir)
     check_same_model(model, upstream_dir, downstream_dir)
     upstream, downstream = load_basis(upstream_dir), load_basis(downstream_dir)
@@ -166,7 +179,6 @@ def run_patch(
     }
     graph = build_graph(model, upstream, downstream, effects, act_up, act_down, thresholds,
                         upstream_dir, downstream_dir, meta)  # fmt: skip
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"upstream_ids": rows, "downstream_ids": cols, "activation_upstream": act_up,
                "activation_downstream": act_down}  # fmt: skip
@@ -175,11 +187,7 @@ def run_patch(
         if eff.control is not None:
             tensors[f"{name}/control"] = eff.control
     save_tensors(out / EFFECTS_FILE, tensors)
-    write_json(out / GRAPH_FILE, finite(graph))
-    if report:
-        from analoglock.reports.patch import write_patch_report
-
-        write_patch_report(out / REPORT_FILE, graph, effects, agree, study)
+    write_json(out / GRAPH_FILE, graph)
     summary = {
         "out_dir": str(out),
         "hooks": [segment.h1.name, segment.h2.name],
@@ -190,18 +198,7 @@ def run_patch(
         "edges_beating_control": sum(bool(e.get("beats_control")) for e in graph["edges"]),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    return summary
-
-
-def finite(obj: Any) -> Any:
-    """NaN/inf floats -> None, recursively, so graph.json is strict JSON (browsers reject NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [finite(v) for v in obj]
-    return obj
+    return PatchRun(summary, graph, effects, agree, study, out)
 
 
 def effects_from_disk(out_dir: str | Path) -> dict[str, torch.Tensor]:

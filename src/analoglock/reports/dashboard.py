@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from analoglock.atomic import write_text
 from analoglock.bases.base import ACTIVE_EPS
 from analoglock.bases.contexts import Context, feature_codes, feature_frequency, top_contexts
+from analoglock.stats import random_unit_directions
 from analoglock.unembed import unembedding
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,7 @@ def feature_lens(model, directions: Tensor, k: int = 10, seed: int = 0) -> tuple
     w = unembedding(model)
     feats = lens_extremes(_centre_if_layernorm(model, directions.float().cpu()), w, k)
     gen = torch.Generator().manual_seed(int(seed))
-    rand = torch.randn(N_CONTROL_DIRECTIONS, directions.shape[1], generator=gen)
-    rand = rand / rand.norm(dim=-1, keepdim=True)
+    rand = random_unit_directions(N_CONTROL_DIRECTIONS, directions.shape[1], gen, torch.float32)
     return feats, lens_extremes(_centre_if_layernorm(model, rand), w, k)
 
 

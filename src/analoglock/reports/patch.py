@@ -15,9 +15,11 @@ import torch
 from torch import Tensor
 
 from analoglock.patching.exact import Effects
+from analoglock.patching.run import PatchRun
 from analoglock.reports.html import write_report
 
 MAX_HEATMAP_ROWS = 60  # the upstream features with the largest total |effect|
+REPORT_FILE = "report.html"  # beside the run's graph.json and effects.safetensors
 
 
 def _heatmap(matrix: Tensor, rows: Tensor, cols: Tensor, title: str, zmax: float) -> go.Figure:
@@ -186,3 +188,10 @@ def write_patch_report(
         tables["pruning thresholds"]["edge Jaccard, activation vs effect"] = json.dumps(study["edge_jaccard_activation_vs_effect"])  # fmt: skip
         tables["pruning thresholds"]["node rank corr, activation vs effect"] = json.dumps(study["node_rank_corr_activation_vs_effect"])  # fmt: skip
     return write_report(path, "analoglock: feature-to-feature effects", figures, tables)
+
+
+def write_run_report(run: PatchRun) -> Path:
+    """report.html beside a run's graph.json, from what `run_patch` returned."""
+    return write_patch_report(
+        run.out_dir / REPORT_FILE, run.graph, run.effects, run.agreement, run.threshold_study
+    )

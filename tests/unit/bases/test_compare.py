@@ -49,21 +49,11 @@ def test_compare_bases_on_fitted_bases_and_cli(tmp_path):
         compare_bases(pca, svd)
     svd.save(tmp_path / "svd", model={"sha256": "abc", "spec": "m"})
     pca.save(tmp_path / "pca", model={"sha256": "abc", "spec": "m"})
-    from hydra import compose, initialize_config_dir
-
-    from analoglock.cli._conf import CONF_DIR
     from analoglock.cli.compare_bases import main
+    from tests.helpers import compose_cli
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "compare_bases",
-            overrides=[
-                f"few={tmp_path / 'svd'}",
-                f"many={tmp_path / 'pca'}",
-                f"out_dir={tmp_path / 'out'}",
-            ],
-        )
-    main.__wrapped__(cfg)
+    overrides = [f"few={tmp_path / 'svd'}", f"many={tmp_path / 'pca'}", f"out_dir={tmp_path / 'out'}"]  # fmt: skip
+    main.__wrapped__(compose_cli("compare_bases", overrides))
     saved = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert saved["n_features"] == {"few": 4, "many": 8}
     assert (tmp_path / "out" / "compare.html").stat().st_size > 10_000
@@ -71,18 +61,15 @@ def test_compare_bases_on_fitted_bases_and_cli(tmp_path):
     other.save(tmp_path / "other", model={"sha256": "xyz", "spec": "other"})
     from analoglock.bases import BasisArtifactError
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(
-            "compare_bases", overrides=[f"few={tmp_path / 'svd'}", f"many={tmp_path / 'other'}"]
-        )
+    cfg = compose_cli("compare_bases", [f"few={tmp_path / 'svd'}", f"many={tmp_path / 'other'}"])
     with pytest.raises(BasisArtifactError, match="fit on model"):
         main.__wrapped__(cfg)
 
 
 def test_unit_directions_are_unit():
-    from analoglock.bases.compare import random_unit_directions
+    from analoglock.bases.compare import control_directions
 
-    d = random_unit_directions(10, 7, seed=1)
+    d = control_directions(10, 7, seed=1)
     torch.testing.assert_close(d.norm(dim=-1), torch.ones(10))
-    torch.testing.assert_close(d, random_unit_directions(10, 7, seed=1))  # seeded
-    assert F.cosine_similarity(d[0], random_unit_directions(10, 7, seed=2)[0], dim=0) < 0.999
+    torch.testing.assert_close(d, control_directions(10, 7, seed=1))  # seeded
+    assert F.cosine_similarity(d[0], control_directions(10, 7, seed=2)[0], dim=0) < 0.999

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from analoglock.activations import harvest
 from analoglock.bases import PCABasis
 from analoglock.bases.contexts import Context, feature_codes
 from analoglock.bases.labels import (
@@ -32,8 +31,8 @@ from analoglock.bases.labels import (
     score_questions,
     write_labels,
 )
-from analoglock.data import load_documents
 from analoglock.model import model_info
+from tests.helpers import fit_pca, harvest_shipped
 
 HOOK = "blocks.2.hook_resid_post"
 FEATURES = [0, 1, 2]
@@ -41,13 +40,12 @@ FEATURES = [0, 1, 2]
 
 @pytest.fixture(scope="module")
 def acts(tiny_model):
-    docs = load_documents("fable_work", split="train")[:16]
-    return harvest(tiny_model, docs, [HOOK], progress=False)
+    return harvest_shipped(tiny_model, HOOK, split="train", n=16)
 
 
 @pytest.fixture(scope="module")
 def basis(acts):
-    return PCABasis(6, hook=HOOK).fit(acts.acts[HOOK])
+    return fit_pca(acts.acts[HOOK], 6, HOOK)
 
 
 @pytest.fixture(scope="module")

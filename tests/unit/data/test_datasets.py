@@ -410,3 +410,37 @@ def test_fable_work_has_enough_pairs_and_no_source_crosses_splits():
             splits[p.source.split(":", 1)[-1].strip().lower()].add(p.split)
     crossing = {s: v for s, v in splits.items() if len(v) > 1}
     assert not crossing, crossing
+
+
+# --- files that are not text: named with their line, before any model loads -------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "where"),
+    [
+        (
+            "latin1.txt",
+            b"First.\n\nSecond, caf\xe9.\n",
+            ":3: not UTF-8 text (byte 0xe9 at column 12)",
+        ),
+        ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', ":2: not UTF-8 text (byte 0xe9"),
+        (
+            "pairs_latin1.jsonl",
+            (_pair_line(0) + "\n").encode() + b'{"id": "\xff"}\n',
+            ":2: not UTF-8",
+        ),
+    ],
+)
+def test_non_utf8_files_name_file_and_line(tmp_path, name, data, where):
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(DatasetFormatError, match=re.escape(f"{path}{where}")):
+        load_documents(str(path))
+
+
+def test_empty_user_files_are_errors(tmp_path):
+    for name, text in (("empty.txt", ""), ("blank.txt", "\n \n\t\n"), ("empty.jsonl", "")):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(DatasetFormatError, match=re.escape(f"{path}: no documents")):
+            load_documents(str(path))

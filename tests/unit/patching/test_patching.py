@@ -28,6 +28,7 @@ from analoglock.patching import (
     position_effects,
 )
 from analoglock.positions import AllTokens, LastToken, TokenIndices
+from tests import helpers
 
 H1, H2 = "blocks.0.hook_resid_post", "blocks.2.hook_resid_post"
 DOCS = [
@@ -41,8 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def fit_pca(runs, attr: str, k: int, hook: str) -> PCABasis:
     """A PCA basis on the clean activations of the prompt set (non-BOS rows)."""
-    x = torch.cat([getattr(r, attr)[1:] for r in runs])
-    return PCABasis(k, hook=hook).fit(x)
+    return helpers.fit_pca(torch.cat([getattr(r, attr)[1:] for r in runs]), k, hook)
 
 
 @pytest.fixture(scope="module")
@@ -249,15 +249,23 @@ def test_bad_input_is_refused(tiny_model, setup, tmp_path):
 def test_run_writes_graph_report_and_effects(tiny_model, setup, tmp_path):
     from analoglock.model import model_info
     from analoglock.patching.run import effects_from_disk, run_patch
+    from analoglock.reports.patch import write_run_report
 
     _, _, U, V = setup
     info = model_info(tiny_model).to_dict()
     up, down = U.save(tmp_path / "u", model=info), V.save(tmp_path / "v", model=info)
-    summary = run_patch(tiny_model, up, down, DOCS, tmp_path / "out", method="both", progress=False)
+    run = run_patch(tiny_model, up, down, DOCS, tmp_path / "out", method="both", progress=False)
+    summary = run.summary
+    assert not (tmp_path / "out" / "report.html").exists()  # the library writes no HTML
+    assert write_run_report(run) == tmp_path / "out" / "report.html"
     graph = json.loads((tmp_path / "out" / "graph.json").read_text())
     assert summary["edges"] == len(graph["edges"]) > 0
     edge = graph["edges"][0]
-    assert {"effect", "control", "attribution", "attribution_control", "beats_control"} <= set(edge)
+    assert {"effect", "control", "attribution", "attribution_control", "beats_control", "p_control"} <= set(edge)  # fmt: skip
+    null = effects_from_disk(tmp_path / "out")["exact/control"].abs().flatten()
+    hits = int((null >= abs(edge["effect"])).sum())  # the empirical p against every pair's control
+    assert edge["p_control"] == pytest.approx((1 + hits) / (1 + len(null)), abs=1e-6)
+    assert graph["control_null"]["n_draws"] == len(null) == U.n_features * V.n_features
     nodes = {n["id"]: n for n in graph["nodes"]}
     assert edge["source"] in nodes and edge["target"] in nodes
     assert len(nodes[edge["source"]]["tokens"]) == 5 and nodes[edge["source"]]["layer"] == 0
@@ -268,6 +276,9 @@ def test_run_writes_graph_report_and_effects(tiny_model, setup, tmp_path):
     rows = graph["threshold_study"]["rows"]
     kept = [r["pairs_kept"] for r in rows if r["criterion"] == "effect"]
     assert kept == sorted(kept, reverse=True) and kept[0] == U.n_features * V.n_features
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        run_patch(tiny_model, up, down, DOCS, tmp_path / "file", progress=False)
     with pytest.raises(PatchSetupError, match="loaded model"):
         other = V.save(tmp_path / "v3", model={**info, "sha256": "c" * 64})
         run_patch(tiny_model, U.save(tmp_path / "u3", model={**info, "sha256": "c" * 64}), other, DOCS, tmp_path / "x")  # fmt: skip

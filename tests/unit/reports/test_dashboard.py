@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from analoglock.activations import harvest, harvest_to_disk, tokenize_documents
+from analoglock.activations import harvest_to_disk, tokenize_documents
 from analoglock.bases import PCABasis, SVDBasis
 from analoglock.bases.contexts import (
     feature_codes,
@@ -30,19 +30,19 @@ from analoglock.reports.dashboard import (
 )
 from analoglock.unembed import final_norm_gain, unembedding
 from tests import browser
+from tests.helpers import compose_cli, fit_pca, harvest_shipped
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 @pytest.fixture(scope="module")
 def acts(tiny_model):
-    docs = load_documents("fable_work", split="test")[:12]
-    return harvest(tiny_model, docs, [HOOK], progress=False)
+    return harvest_shipped(tiny_model, HOOK, split="test", n=12)
 
 
 @pytest.fixture(scope="module")
 def pca(acts):
-    return PCABasis(16, hook=HOOK).fit(acts.acts[HOOK])
+    return fit_pca(acts.acts[HOOK], 16, HOOK)
 
 
 @pytest.fixture(scope="module")
@@ -253,9 +253,6 @@ def test_is_blank_detects_a_blank_page(tmp_path):
 
 
 def test_cli_refuses_another_hook_and_renders(tiny_model, tiny_dir, tmp_path):
-    from hydra import compose, initialize_config_dir
-
-    from analoglock.cli._conf import CONF_DIR
     from analoglock.cli.dashboard import main
 
     store = tmp_path / "acts"
@@ -263,8 +260,7 @@ def test_cli_refuses_another_hook_and_renders(tiny_model, tiny_dir, tmp_path):
     harvest_to_disk(tiny_model, docs, [HOOK], store, progress=False)
     other = PCABasis(4, hook="blocks.0.hook_resid_post").fit(torch.randn(50, 64))
     other.save(tmp_path / "basis", model=model_info(tiny_model).to_dict())
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose("dashboard", overrides=[f"basis={tmp_path / 'basis'}", f"acts={store}"])
+    cfg = compose_cli("dashboard", [f"basis={tmp_path / 'basis'}", f"acts={store}"])
     assert cfg.n_features == 200 and cfg.k == 10 and cfg.label is False
     with pytest.raises(IncompatibleBasisError, match="blocks.0.hook_resid_post"):
         main.__wrapped__(cfg)
@@ -275,7 +271,16 @@ def test_cli_refuses_another_hook_and_renders(tiny_model, tiny_dir, tmp_path):
     page = tmp_path / "page.html"
     overrides = [f"basis={tmp_path / 'good'}", f"acts={store}", "model=hf", f"out={page}"]
     overrides += [f"model.spec={tiny_dir}", "n_features=2", "k=2", "progress=false"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose("dashboard", overrides=overrides)
+    cfg = compose_cli("dashboard", overrides)
     main.__wrapped__(cfg)
     assert page.read_text().count("<details class='feat'") == 2
+
+
+def test_cli_refuses_a_directory_or_file_out_before_the_model(tmp_path):
+    from analoglock.cli.dashboard import main
+
+    (tmp_path / "taken").write_text("a file")
+    for out, err in ((tmp_path, IsADirectoryError), (tmp_path / "taken" / "p.html", NotADirectoryError)):  # fmt: skip
+        cfg = compose_cli("dashboard", [f"basis={tmp_path}", "acts=none", f"out={out}", "model=hf", "model.spec=/no/model"])  # fmt: skip
+        with pytest.raises(err):
+            main.__wrapped__(cfg)

@@ -1,0 +1,83 @@
+"""Every scripts/bench_*.py runs on a fresh checkout (it makes its own inputs) on the tiny model,
+and prints the JSON keys docs/benchmarks.md reads, so a benchmark cannot silently rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def run_script(name: str, *args: str, cwd: Path) -> dict:
+    """Run a benchmark script in a fresh directory (no runs/, no cache of ours) and parse its JSON."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_bench_harvest(tiny_dir, tmp_path):
+    out = run_script("bench_harvest.py", "--model", tiny_dir, "--hooks", "blocks.1.hook_resid_post", "last",
+                     "--rows", "2", "--ctx", "16", "--ragged-docs", "6", "--ragged-batch", "3",
+                     "--repeats", "1", cwd=tmp_path)  # fmt: skip
+    paths = {"harvester", "run_with_cache_filtered_stop", "run_with_cache_full", "hf_forward"}
+    for workload in ("fixed", "ragged"):
+        by_hook = out[workload]["by_hook"]
+        assert set(by_hook) == {"blocks.1.hook_resid_post", "blocks.3.hook_resid_post"}
+        for row in by_hook.values():
+            assert set(row["tokens_per_s"]) == set(row["flop_efficiency_vs_hf"]) == paths
+            assert row["flop_efficiency_vs_hf"]["hf_forward"] == 1.0
+            assert row["speedup_vs_run_with_cache_filtered_stop"] > 0
+    assert out["fixed"]["by_hook"]["blocks.1.hook_resid_post"]["padding_fraction_of_baselines"] == 0  # fmt: skip
+    assert out["ragged"]["by_hook"]["blocks.3.hook_resid_post"]["real_tokens"] > 0
+
+
+def test_bench_bases(tiny_dir, tmp_path):
+    out = run_script("bench_bases.py", str(tmp_path / "h"), "--model", tiny_dir, "--hook", "blocks.1.hook_resid_post",
+                     "--docs", "40", "--n-features", "4", "--sae-width", "16", "--sae-k", "4", "--sae-batch", "64",
+                     "--sae-tokens", "640", "--splice", "--splice-docs", "2", "--speed-steps", "2",
+                     "--repeats", "1", cwd=tmp_path)  # fmt: skip
+    assert (tmp_path / "h" / "meta.json").exists()  # made its own harvest
+    assert set(out["bases"]) == {"svd", "pca", "nmf", "cca", "sae"}
+    ce = ("heldout/ce_increase", "heldout/ce_recovered", "heldout/ce_recovered_vs_mean", "heldout/mean_ablation_ce")  # fmt: skip
+    for kind in ("svd", "pca", "nmf", "sae"):
+        assert {"fit_s", "heldout/fvu", "heldout/l0", *ce} <= set(out["bases"][kind])
+    assert set(out["bases"]["cca"]["heldout/by_view"]) == {"story", "roles"}
+    speed = out["sae_training_speed"]
+    assert {"ours_tokens_per_s", "saelens_trainer_tokens_per_s", "cost_ratio_ours_over_saelens"} <= set(speed)  # fmt: skip
+
+
+def test_bench_patch(tiny_dir, tmp_path):
+    kind = "pca"  # the PCA x PCA row of docs/benchmarks.md (the SAE stand-in is the slow default)
+    out = run_script("bench_patch.py", "--model", tiny_dir, "--h1", "blocks.0.hook_resid_post", "--h2", "blocks.2.hook_resid_post",
+                     "--harvest", str(tmp_path / "h"), "--docs", "12", "--upstream-kind", kind, "--width", "8",
+                     "--n-up", "8", "--n-down", "4", "--prompts", "2", "--max-length", "12", "--fit-rows", "300",
+                     "--n-partial", "4", "--compare-full", "2", cwd=tmp_path)  # fmt: skip
+    keys = {"exact_s", "attribution_s", "speedup", "spearman", "topk_overlap", "sign_agreement",
+            "spearman_vs_partial_0.1", "control_mean_abs_over_effect_mean_abs", "rerun_vs_full_forward"}  # fmt: skip
+    assert keys <= set(out) and out["upstream_basis"] == kind and out["n_upstream"] == 8
+
+
+def test_bench_load(tiny_dir, tmp_path):
+    out = run_script("bench_load.py", "--model", tiny_dir, "--runs", "1", "--cold-runs", "1", cwd=tmp_path)  # fmt: skip
+    assert {"warm_load_s", "cold_load_s", "breakdown", "n_runs", "load_average"} <= set(out)
+    assert out["warm_load_s"] > 0 and out["cold_load_s"] > 0 and out["n_runs"] == 1
+    assert {"tokenizer_s", "weights_s", "bridge_boot_s", "first_forward_s"} <= set(out["breakdown"])
+    assert {"import_transformer_lens_s", "load_model_s"} <= set(out["cold_breakdown"])
+
+
+def test_bench_decode(tiny_dir, tmp_path):
+    out = run_script("bench_decode.py", "--model", tiny_dir, "--batch-size", "3", "--new-tokens", "5",
+                     "--mode", "greedy", "--runs", "1", cwd=tmp_path)  # fmt: skip
+    keys = {"tokens_per_s", "hf_tokens_per_s", "roofline_tokens_per_s", "roofline_fraction",
+            "batch_size", "new_tokens", "n_runs", "load_average"}  # fmt: skip
+    assert keys <= set(out) and out["batch_size"] == 3 and out["n_runs"] == 1
+    assert out["roofline_fraction"] > 0 and out["roofline_tokens_per_s"] > 0
+    assert out["same_greedy_tokens_as_hf"] and out["same_tokens_as_default_cache"]
