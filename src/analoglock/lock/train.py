@@ -126,7 +126,14 @@ def fit(
     ckpt = out_dir / "last.ckpt" if out_dir is not None else None
     resume = str(ckpt) if ckpt is not None and ckpt.exists() else None
     if resume:
-        state = torch.load(resume, weights_only=True, map_location="cpu")  # never unpickle objects
+        try:  # never unpickle objects: a checkpoint is data, and may not be ours
+            state = torch.load(resume, weights_only=True, map_location="cpu")
+        except Exception as err:
+            raise ValueError(
+                f"{resume} is not a checkpoint analoglock can trust (it is corrupt, or holds "
+                f"pickled objects that are never loaded): {type(err).__name__}. Do not load it "
+                "with weights_only=False; delete it to start this run fresh."
+            ) from err
         cb_state = next(
             (v for k, v in state.get("callbacks", {}).items() if k.startswith("LockCallback")), None
         )

@@ -11,22 +11,15 @@ the judge in `analoglock.lock.judge`, the plots in `analoglock.reports.steering`
 
 from analoglock.lock.steering.bench import steer_seeds
 from analoglock.lock.steering.evaluate import (
-    MEASURES,
-    ArmResult,
     SteeringTask,
     SteerOptions,
-    arm_measures,
     arm_results,
     build_task,
     choose,
     evaluate_test,
-    headline,
-    jsonable,
-    random_p_values,
     run_arm,
     run_steering,
     select,
-    summarize,
     sweep,
 )
 from analoglock.lock.steering.hooks import (
@@ -71,6 +64,15 @@ from analoglock.lock.steering.prompts import (
     story_opening,
     story_prompts,
     user_prompts,
+)
+from analoglock.lock.steering.summary import (
+    MEASURES,
+    ArmResult,
+    arm_measures,
+    headline,
+    jsonable,
+    random_p_values,
+    summarize,
 )
 
 __all__ = [

@@ -16,14 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from analoglock.atomic import write_text
-from analoglock.lock.steering.evaluate import (
-    SteerOptions,
-    arm_results,
-    headline,
-    jsonable,
-    run_steering,
-    summarize,
-)
+from analoglock.lock.steering.evaluate import SteerOptions, arm_results, run_steering
+from analoglock.lock.steering.summary import headline, jsonable, summarize
 
 log = logging.getLogger(__name__)
 
