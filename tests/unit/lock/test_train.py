@@ -285,3 +285,49 @@ def test_sparse_matrix_map_in_a_basis(tiny_dir, tiny_model, tmp_path, cache_dir)
         )  # fmt: skip
     with pytest.raises(ValueError, match="used only by mapper=sparse_matrix"):
         train(compose_train(tiny_dir, tmp_path / "raw", f"basis={basis_dir}"))
+
+
+def test_non_finite_artifacts_are_refused_on_save_and_load(tiny_model, tmp_path):
+    """A NaN map or vector would steer silently into garbage: refused both ways, file named."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from analoglock.lock.export import save_artifact
+    from analoglock.model import model_info
+
+    info = model_info(tiny_model).to_dict()
+    mapper = build_mapper("translation", d_model=64)
+    bad = torch.zeros(64)
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        save_artifact(
+            tmp_path / "a", mapper, {"learned": bad}, model=info, hook="blocks.1.hook_resid_post"
+        )
+    path = save_artifact(tmp_path / "b", mapper, {"learned": torch.ones(64)}, model=info,
+                         hook="blocks.1.hook_resid_post")  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors["learned"][0] = float("inf")
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ArtifactError, match="NaN or inf"):
+        load_artifact(tmp_path / "b", tiny_model)
+    assert _json.loads(meta["analoglock"])["kind"] == "translation"
+
+
+def test_an_untrusted_checkpoint_is_named_and_never_unpickled(tiny_dir, tmp_path, cache_dir):
+    """A last.ckpt holding a pickled object is refused with its path, not loaded unsafely."""
+    from analoglock.lock.train import train
+
+    out = tmp_path / "evil"
+    out.mkdir()
+
+    import argparse  # any class outside torch's weights_only allowlist stands for a payload
+
+    torch.save({"state_dict": {}, "payload": argparse.Namespace(run="rm -rf /")}, out / "last.ckpt")
+    with pytest.raises(ValueError, match="not a checkpoint analoglock can trust") as err:
+        train(compose_train(tiny_dir, out, "shuffled_control=false"))
+    assert "last.ckpt" in str(err.value) and "weights_only=False" in str(err.value)
