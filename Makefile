@@ -84,8 +84,8 @@ bench: $(STAMP)
 # drop them for the paper's full protocol). The CLI needs one concept set: gender is the smallest.
 # Writes relations.json, report.html, lre.html and lre.md under LRE_OUT (docs/benchmarks.md).
 LRE_OUT ?= runs/lre
-LRE_ARGS ?= lre.layers=[4,8,12] lre.layer=8 lre.n_jacobian=2 lre.max_samples=32 lre.max_test=16 \
-	lre.n_pairs=8 lre.max_rounds=2 lre.lock_steps=200
+LRE_ARGS ?= lre.layers=[4,8,12] lre.layer=8 lre.n_jacobian=2 lre.max_samples=40 lre.max_test=16 \
+	lre.n_pairs=8 lre.lock_steps=200
 lre: $(STAMP)
 	$(VENV)/bin/analoglock-relations analyses=[lre] concepts=[gender] out_dir=$(LRE_OUT) \
 		threads=1 progress=false $(LRE_ARGS)

@@ -1,5 +1,6 @@
 """Relations between concepts: vector algebra, separability, hierarchy, relations of relations,
-interpolation, singular-direction derivatives, search by shape, anomalies.
+interpolation, singular-direction derivatives, search by shape, anomalies, and relations as
+operators (linear relational embeddings on the Hernandez et al. benchmark).
 
 Every analysis is a runner `run(cfg_section, ctx: RelationsContext) -> dict` registered in
 `ANALYSES` by name, with its settings in a dataclass of `config.CONFIGS` (registered in Hydra's
@@ -11,7 +12,8 @@ dependencies do not load for another.
 Modules by job: context (what a runner receives), concepts (harvesting concept rows, edited
 forward passes), vectors (concept vectors and probes), text (content words, paraphrases, token
 ids), common (the default SVD basis, text activations), paths and derivatives (the machinery of
-interpolate and jacobian), shape_spec (the search-by-shape spec), and one module per analysis.
+interpolate and jacobian), shape_spec (the search-by-shape spec), lre_data / lre_model / lre_ops
+(the benchmark's files, forward passes and operators behind lre), and one module per analysis.
 Shared statistics (random directions, empirical p, BH) live in `analoglock.stats`.
 """
 
@@ -36,6 +38,7 @@ _RUNNERS: dict[str, tuple[str, str]] = {
     "jacobian": ("jacobian", "run"),
     "shape": ("shape", "run"),
     "anomalies": ("anomalies", "run"),
+    "lre": ("lre", "run"),
 }
 
 

@@ -239,6 +239,59 @@ class ShapeConfig:
     """{name: {candidates, constraints, ...}}; None: the default searches whose sets were harvested"""
 
 
+@dataclass
+class LREConfig:
+    """Relation operators on the Hernandez et al. (2024) benchmark: the linear relational
+    embedding beside baselines, scored by faithfulness and causality (lre.py)."""
+
+    relations: list[str] | None = None
+    """shipped relation names ("country_capital_city", "factual/company_ceo") or .json files in
+    the benchmark's format; None: every shipped relation of `kinds`"""
+    kinds: list[str] = field(default_factory=lambda: ["factual"])
+    """shipped kinds used when relations is None: factual, linguistic, bias"""
+    layers: list[int] | None = None
+    """subject layers swept (the state after each block); None: the layers of the run's hooks"""
+    layer: int | None = None
+    """the layer of the headline table; None: the first of `layers`"""
+    n_train: int = 5
+    """train samples per relation: the few-shot examples of every prompt, the Jacobian prompts,
+    and what every baseline is fit on (the paper's n = 5)"""
+    n_jacobian: int | None = None
+    """how many train prompts' Jacobians are averaged into W; None: all n_train (the paper)"""
+    min_test: int = 5
+    """held-out correct samples a relation needs; fewer is an error (or a skip unless strict)"""
+    max_samples: int | None = None
+    """samples drawn per relation (seeded) before the correctness filter; None: all"""
+    max_test: int | None = None
+    """held-out correct samples scored per relation; None: all"""
+    n_pairs: int | None = 16
+    """causality edits per relation (source, target); None: one per held-out sample"""
+    beta: float = 2.25
+    """the paper's scale on W in z = beta W h + b (its GPT-J value)"""
+    ranks: list[int] = field(default_factory=lambda: [4, 16, 64])
+    """ranks of the low-rank W swept for both measures; faithfulness is also scored at full rank
+    (edits are not: W's smallest singular values make its whole pseudo-inverse explode)"""
+    edit_rank: int = 16
+    """the LRE rank of the headline causality numbers (one of `ranks`; the paper's GPT-J ranks,
+    about 3% of d_model, scaled to this model)"""
+    template: int = 0
+    """which prompt template (the paper uses the first)"""
+    max_rounds: int = 4
+    """rounds of replacing train samples the model gets wrong in context before giving up"""
+    lock_rank: int = 8
+    lock_steps: int = 300
+    """the learned lock map: LowRankMap rank and Adam steps on the lock's losses"""
+    n_boot: int = 2000
+    """bootstrap resamples for every interval (samples within a relation, relations overall)"""
+    linear_threshold: float = 0.5
+    """LRE faithfulness at or above which a relation is called linearly decoded"""
+    strict: bool = False
+    """raise on a bad sample or a relation with too few correct samples; False drops bad
+    samples and skips such relations, each with its reason in the results"""
+    chunk: int = 64
+    """cotangents per vmap chunk of the Jacobian (memory vs speed)"""
+
+
 CONFIGS: dict[str, type] = {
     "algebra": AlgebraConfig,
     "separability": SeparabilityConfig,
@@ -248,6 +301,7 @@ CONFIGS: dict[str, type] = {
     "jacobian": JacobianConfig,
     "shape": ShapeConfig,
     "anomalies": AnomaliesConfig,
+    "lre": LREConfig,
 }
 
 C = TypeVar("C")

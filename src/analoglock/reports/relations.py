@@ -21,6 +21,7 @@ import torch
 from analoglock.atomic import write_json
 from analoglock.reports.html import write_report
 from analoglock.reports.relation_paths import (
+from analoglock.reports.lre import lre_figures
     interpolate_figures,
     jacobian_figures,
     shape_figures,
@@ -304,6 +305,7 @@ FIGURES = {
     "interpolate": interpolate_figures,
     "jacobian": jacobian_figures,
     "shape": shape_figures,
+    "lre": lre_figures,
 }
 
 
