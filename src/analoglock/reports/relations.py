@@ -20,8 +20,8 @@ import torch
 
 from analoglock.atomic import write_json
 from analoglock.reports.html import write_report
-from analoglock.reports.relation_paths import (
 from analoglock.reports.lre import lre_figures
+from analoglock.reports.relation_paths import (
     interpolate_figures,
     jacobian_figures,
     shape_figures,
