@@ -1,0 +1,248 @@
+"""Benchmark batched decoding against the machine's limit for it.
+
+Prints ONE JSON object:
+- `tokens_per_s`: new tokens per second of `analoglock.generation.generate` through the bridge
+  (hook points live, one no-op hook on `hook_embed` as the corpus attaches; `ExpandedKVCache`),
+  whole call (prefill + decoding steps); `decode_tokens_per_s`: the decoding steps alone.
+- `default_cache_tokens_per_s`: the same call with transformers' default cache (the path before).
+- `hf_tokens_per_s`: plain Hugging Face `generate` on an unwrapped copy of the model (eager
+  attention, default cache), same ids, same settings.
+- `roofline_tokens_per_s`: the fastest this machine could produce the same tokens with these
+  operations, from the measured matmul FLOP/s (`peak_gflop_s`, float32 2048^3) and memory read
+  bandwidth (`bandwidth_gb_s`): the prefill, then each step at its context length, each group of
+  operations at its own bound (linear layers and the tied unembedding: FLOPs / peak vs their
+  float32 weights / bandwidth; attention: FLOPs vs reading the compact KV cache once),
+  summed. Sampling (top-p sort, multinomial) and Python are left out: they are not the model.
+  `roofline_fraction` = tokens_per_s / roofline_tokens_per_s.
+- `same_greedy_tokens_as_hf` (greedy mode): bridge tokens equal plain HF's;
+  `same_tokens_as_default_cache`: the new cache changes no token (sampled too, same seed).
+- `batch_size`, `new_tokens`, `prompt_tokens` (padded width), `n_runs` (paths interleaved per run;
+  medians), `load_average` (1-minute at start and end: the machine may be shared).
+
+Prompts are the corpus's story requests in the chat template (`analoglock.corpus`), made here.
+Mode `sample` uses the corpus settings (temperature 0.8, top-p 0.95, repetition penalty 1.1).
+
+    .venv/bin/python scripts/bench_decode.py [--batch-size 128] [--new-tokens 64] [--mode sample]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+CORPUS_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1}
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--batch-size", type=int, default=128, help="the corpus batch (steering: 16)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--mode", choices=["sample", "greedy"], default="sample")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def matmul_gflop_s(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of float32 n^3 matmul rate (what the linear layers can reach at best)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def read_gb_s(mib: int = 512, repeats: int = 5) -> float:
+    """Best-of read bandwidth: a sum over, and a matrix-vector product with, a large tensor."""
+    x = torch.randn(mib * 2**20 // 4)
+    w = x[: (x.numel() // 4096) * 4096].view(-1, 4096)
+    v = torch.randn(4096)
+    best_sum = min(_time(x.sum) for _ in range(repeats))
+    best_mv = min(_time(lambda: w @ v) for _ in range(repeats))
+    return max(x.numel() * 4 / best_sum, w.numel() * 4 / best_mv) / 1e9
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def model_shape(hf) -> dict[str, int]:
+    """Parameter counts and attention shape of a decoder-only HF model."""
+    cfg = hf.config
+    emb = hf.get_input_embeddings().weight
+    linear = sum(
+        m.weight.numel()
+        for name, m in hf.named_modules()
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
+    )
+    return {
+        "linear_params": linear,  # every projection of every block
+        "unembed_params": hf.get_output_embeddings().weight.numel(),  # tied: the embedding
+        "embed_dim": emb.shape[1],
+        "n_layers": cfg.num_hidden_layers,
+        "n_heads": cfg.num_attention_heads,
+        "n_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        "d_head": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+    }
+
+
+def roofline_seconds(shape: dict, batch: int, prompt: int, new: int, peak: float, bw: float):
+    """(prefill seconds, decoding seconds) at the machine's limit; see the module docstring."""
+    w_bytes = 4 * (shape["linear_params"] + shape["unembed_params"])
+    w_flops = 2 * (shape["linear_params"] + shape["unembed_params"])  # per token
+    heads, kv, dh, layers = (
+        shape["n_heads"],
+        shape["n_kv_heads"],
+        shape["d_head"],
+        shape["n_layers"],
+    )
+
+    def attention(q_tokens: int, ctx: int, causal_square: bool) -> float:
+        pairs = q_tokens * ctx / (2 if causal_square else 1)
+        flops = 4 * batch * layers * heads * dh * pairs  # scores and weighted values
+        kv_bytes = 4 * 2 * batch * layers * kv * dh * ctx  # the compact cache, read once
+        return max(flops / peak, kv_bytes / bw)
+
+    prefill_tokens = batch * prompt
+    prefill = max(prefill_tokens * w_flops / peak, w_bytes / bw) + attention(prompt, prompt, True)
+    decode = 0.0
+    for step in range(1, new):  # the first new token comes out of the prefill
+        decode += max(batch * w_flops / peak, w_bytes / bw) + attention(1, prompt + step, False)
+    return prefill, decode
+
+
+def main() -> None:
+    args = parse()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from analoglock.corpus import batch_requests
+    from analoglock.generation import chat_prompt, encode_prompts, generate
+    from analoglock.model import load_dequantized, load_hf, load_model, resolve_spec
+
+    load0 = os.getloadavg()[0]
+    model = load_model(args.model)
+    source, location, _ = resolve_spec(args.model)
+    if source in ("embedded", "gguf"):  # the same cached file, mapped again: no second copy
+        plain = load_dequantized(Path(model.original_model.config.name_or_path))
+    else:
+        plain = load_hf(args.model)[0].eval()
+    prompts = [chat_prompt(model, r) for r in batch_requests(args.seed, 0, args.batch_size)]
+    ids, mask = encode_prompts(model, prompts)
+    tok = model.tokenizer
+    sample = args.mode == "sample"
+    settings = {"do_sample": True, **CORPUS_SAMPLING} if sample else {"do_sample": False}
+    steps: list[float] = []
+
+    def on_embed(x, hook):  # the corpus's progress hook: reads nothing, changes nothing
+        steps.append(time.perf_counter())
+        return x
+
+    def bridge(fast: bool) -> tuple[float, float, list[list[int]], int]:
+        steps.clear()
+        t = time.perf_counter()
+        out = generate(model, prompts, max_new_tokens=args.new_tokens, seed=args.seed,
+                       batch_size=args.batch_size, fwd_hooks=[("hook_embed", on_embed)],
+                       fast_cache=fast, **settings)  # fmt: skip
+        end = time.perf_counter()
+        decode = end - steps[1] if len(steps) > 1 else float("nan")
+        return end - t, decode, out.new_tokens, len(steps)  # one forward per new position
+
+    def hf_plain() -> tuple[float, float, list[list[int]], int]:
+        hf_settings = dict(settings)
+        if not sample:
+            hf_settings.update(temperature=None, top_p=None, top_k=None)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(args.seed)
+            t = time.perf_counter()
+            out = plain.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                 **hf_settings)  # fmt: skip
+            wall = time.perf_counter() - t
+        rows = []
+        for row in out[:, ids.shape[1] :].tolist():
+            rows.append(row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row)
+        return wall, float("nan"), rows, out.shape[1] - ids.shape[1]
+
+    for warm in (lambda: bridge(True), lambda: bridge(False), hf_plain):  # first calls pay extra
+        n_tokens, args.new_tokens = args.new_tokens, 2
+        warm()
+        args.new_tokens = n_tokens
+    peaks, bws = [], []
+    runs: dict[str, list] = {"fast": [], "default": [], "hf": []}
+    for _ in range(args.runs):  # interleaved, so a change in the machine's load hits every path
+        peaks.append(matmul_gflop_s())
+        bws.append(read_gb_s())
+        runs["fast"].append(bridge(True))
+        runs["default"].append(bridge(False))
+        runs["hf"].append(hf_plain())
+    peaks.append(matmul_gflop_s())
+    bws.append(read_gb_s())
+
+    # generate stops when every row has ended; until then each row is computed (EOS or not),
+    # so tokens = rows x positions generated, the same count for every path and the roofline
+    n_steps = runs["fast"][0][3]
+    if any(r[3] != n_steps for v in runs.values() for r in v):
+        raise RuntimeError(f"paths generated different lengths: {[r[3] for v in runs.values() for r in v]}")  # fmt: skip
+    n_useful = sum(len(r) for r in runs["fast"][0][2])  # before each row's EOS
+    shape = model_shape(plain)
+    peak, bw = median(peaks) * 1e9, median(bws) * 1e9
+    prefill_s, decode_s = roofline_seconds(shape, len(prompts), ids.shape[1], n_steps, peak, bw)
+    full_steps = len(prompts) * n_steps
+    decode_tokens = len(prompts) * (n_steps - 1)
+    roofline = full_steps / (prefill_s + decode_s)
+    wall = {k: median([r[0] for r in v]) for k, v in runs.items()}
+    tokens_per_s = full_steps / wall["fast"]
+    out = {
+        "model": args.model,
+        "mode": args.mode,
+        "tokens_per_s": round(tokens_per_s, 2),
+        "decode_tokens_per_s": round(decode_tokens / median([r[1] for r in runs["fast"]]), 2),
+        "default_cache_tokens_per_s": round(full_steps / wall["default"], 2),
+        "default_cache_decode_tokens_per_s": round(
+            decode_tokens / median([r[1] for r in runs["default"]]), 2
+        ),
+        "hf_tokens_per_s": round(full_steps / wall["hf"], 2),
+        "roofline_tokens_per_s": round(roofline, 2),
+        "roofline_fraction": round(tokens_per_s / roofline, 3),
+        "roofline_decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s else None,
+        "speedup_vs_default_cache": round(wall["default"] / wall["fast"], 3),
+        "speedup_vs_hf": round(wall["hf"] / wall["fast"], 3),
+        "same_tokens_as_default_cache": all(
+            f[2] == d[2] for f, d in zip(runs["fast"], runs["default"], strict=True)
+        ),
+        "peak_gflop_s": round(median(peaks), 1),
+        "bandwidth_gb_s": round(median(bws), 2),
+        "batch_size": len(prompts),
+        "new_tokens": n_steps,  # positions generated per row (max_new_tokens unless all ended)
+        "max_new_tokens": args.new_tokens,
+        "new_tokens_before_eos": n_useful,
+        "prompt_tokens": ids.shape[1],
+        "wall_s": {k: round(v, 2) for k, v in wall.items()},
+        "n_runs": args.runs,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)},
+    }
+    if not sample:
+        out["same_greedy_tokens_as_hf"] = all(
+            f[2] == h[2] for f, h in zip(runs["fast"], runs["hf"], strict=True)
+        )
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
