@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,8 @@ def print_report(report: dict[str, Any], n_show: int = 8) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # A log or a pipe gets 80 columns by default, which folds every number: give the table room.
+    console = Console(width=None if sys.stdout.isatty() else 220)
     sel = report["selection"]
     lock, md = sel["lock"], sel.get("meandiff", {})
     console.print(
