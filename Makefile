@@ -35,7 +35,7 @@ gemma3: $(STAMP)
 # validation; logged to wandb offline), say whether it locked against its baselines and the same
 # training on shuffled pairs, then retell held-out TEST fable openings with the map, beside the
 # unsteered text, the mean-difference vector, the shuffled-pairs map and random directions from
-# the activations' covariance, and the data's own workplace analogue. Small sizes keep it ~5 min;
+# the activations' covariance, and the data's own workplace analogue. Small sizes keep it ~10 min on a quiet CPU;
 # scripts/bench_lock.py runs the full protocol. Re-running resumes the finished run (no retraining).
 DEMO_CKPT ?= checkpoints/fable_to_work
 DEMO_STEER ?= n_prompts=8 'alpha=[0.5,1.0]' 'map_positions=[roles,all]' 'scale=[2,4]' n_random=4 max_new_tokens=32
