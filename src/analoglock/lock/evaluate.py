@@ -25,6 +25,7 @@ from analoglock.stats import EPS, bootstrap_mean
 MapFn = Callable[..., Tensor]  # baselines take (x, part): they are fit per view group
 BASELINES = ("identity", "meandiff", "procrustes", "ridge")
 GROUPS = ("story", "roles", "mentions")
+ASSIGN = "assign"  # within-pair role assignment (`assignment_ranks`), scored beside the groups
 
 
 def partner_ranks(
@@ -96,10 +97,41 @@ def baseline_maps(train: PairedActivations, ridge: float = 1.0) -> dict[str, Map
     return {"identity": lambda x, part: x, **{name: per_group(name) for name in fitted}}
 
 
+def assignment_ranks(
+    mapped_a: Annotated[Tensor, "n d"], b: Annotated[Tensor, "n d"], pair: list[str]
+) -> tuple[Annotated[Tensor, "m"], Annotated[Tensor, "m"], Annotated[Tensor, "m"]]:
+    """Within each pair: (hit, reciprocal rank, chance) of a role's own partner among the B roles
+    of the SAME pair, after centring the pair's mapped A roles and its B roles on their own means.
+
+    This is the analogy itself, the tortoise -> the junior analyst rather than the hare -> the
+    analyst, with the story already known: retrieval among all held-out roles mixes it with
+    telling stories apart. Centring per pair removes any shift shared by the pair's roles, so
+    identity, the mean difference and every translation score the same here; only a map that
+    changes role-to-role structure can move it. Pairs with one role are left out (m <= n).
+    """
+    rows: dict[str, list[int]] = {}
+    for i, p in enumerate(pair):
+        rows.setdefault(p, []).append(i)
+    hits, rrs, chance = [], [], []
+    for idx in rows.values():
+        if len(idx) < 2:
+            continue
+        q, c = mapped_a[idx].double(), b[idx].double()
+        hit, rr = partner_ranks(q - q.mean(0), c - c.mean(0))
+        hits.append(hit)
+        rrs.append(rr)
+        chance.append(torch.full_like(hit, 1.0 / len(idx)))
+    if not hits:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return empty, empty, empty
+    return torch.cat(hits), torch.cat(rrs), torch.cat(chance)
+
+
 def score_items(
     mapped_a: Tensor, part: PairedActivations, center: Tensor
 ) -> dict[str, dict[str, Tensor]]:
-    """Per view group: per-row "hit", "rr" and "rel_err" (candidates = that group's rows only).
+    """Per view group: per-row "hit", "rr" and "rel_err" (candidates = that group's rows only);
+    and for roles, "assign": `assignment_ranks` within each pair ("hit", "rr", "chance").
 
     Similarities are taken after subtracting `center` (the mean training activation): the
     residual stream's large shared component would otherwise make every cosine near 1.
@@ -113,16 +145,25 @@ def score_items(
         m, bc = mapped_a[rows] - center, part.b[rows] - center
         hit, rr = partner_ranks(m, bc)
         out[g] = {"hit": hit, "rr": rr, "rel_err": relation_errors(m, bc)}
+        if g == "roles":
+            pairs = [p for p, keep in zip(part.pair, rows.tolist(), strict=True) if keep]
+            hit, rr, chance = assignment_ranks(m, bc, pairs)
+            if len(hit):
+                out[ASSIGN] = {"hit": hit, "rr": rr, "chance": chance}
     return out
 
 
 def summarize(items: dict[str, dict[str, Tensor]]) -> dict[str, float]:
-    """Means per group: top1_<g>, mrr_<g>, equivariance_<g>, n_<g>."""
+    """Means per group: top1_<g>, mrr_<g>, equivariance_<g> (where defined), n_<g>; and
+    chance_<g> for the within-pair assignment."""
     out: dict[str, float] = {}
     for g, v in items.items():
         out[f"top1_{g}"] = float(v["hit"].mean())
         out[f"mrr_{g}"] = float(v["rr"].mean())
-        out[f"equivariance_{g}"] = float(v["rel_err"].mean())
+        if "rel_err" in v:
+            out[f"equivariance_{g}"] = float(v["rel_err"].mean())
+        if "chance" in v:
+            out[f"chance_{g}"] = float(v["chance"].mean())
         out[f"n_{g}"] = len(v["hit"])
     return out
 
@@ -147,7 +188,7 @@ def margins(
             if g in items:
                 diff = learned[g]["hit"] - items[g]["hit"]
                 out[f"top1_{g}_vs_{name}"] = list(bootstrap_mean(diff, seed=seed))
-        if "identity" in baselines and g in baselines["identity"]:
+        if "identity" in baselines and "rel_err" in baselines["identity"].get(g, {}):
             diff = learned[g]["rel_err"] - baselines["identity"][g]["rel_err"]
             out[f"rel_err_{g}_vs_identity"] = list(bootstrap_mean(diff, seed=seed))
     return out

@@ -181,7 +181,8 @@ class LockCriterion:
     """Decides when the map has locked: every clause holds on validation for `patience` epochs.
 
     The clauses, each on held-out validation pairs and paired item by item:
-    - retrieval: for each view in `views` (story-level and role-level pairs) and each baseline in
+    - retrieval: for each view in `views` (story-level and role-level pairs, or "assign": a
+      role's partner among its own pair's roles, which translations cannot change) and each baseline in
       `baselines` (identity, mean difference, Procrustes), the lower end of the bootstrap 95%
       interval of (learned - baseline) top-1 exceeds `min_margin`. A map that only learns the
       domain shift ties the mean difference and never locks;
@@ -212,7 +213,7 @@ class LockCriterion:
         if self.max_drift < 0:
             raise ValueError(f"max_drift must be >= 0, got {self.max_drift}")
         if not self.views:
-            raise ValueError("views is empty: name at least one of story, roles, mentions")
+            raise ValueError("views is empty: name at least one of story, roles, mentions, assign")
 
     @property
     def locked(self) -> bool:
@@ -228,7 +229,7 @@ class LockCriterion:
             for name in self.baselines:
                 m = margins.get(f"top1_{v}_vs_{name}")
                 out[f"top1_{v}_vs_{name}"] = m is not None and m[1] > self.min_margin
-            if self.relation_test:
+            if self.relation_test and v != "assign":  # within-pair ranks have no relation error
                 m = margins.get(f"rel_err_{v}_vs_identity")
                 out[f"rel_err_{v}_vs_identity"] = (
                     None if not relations_apply else (m is not None and m[2] < 0)

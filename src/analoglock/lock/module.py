@@ -154,7 +154,8 @@ class AnalogyLock(L.LightningModule):
             p = next(self.mapper.parameters())
             mapped = self.mapper(self.val_part.a.to(p.device, p.dtype)).cpu().float()
         learned = score_items(mapped, self.val_part, self.center.cpu())
-        return {**summarize(learned), "margins": margins(learned, self.val_baselines)}
+        groups = ("story", "roles", "assign")
+        return {**summarize(learned), "margins": margins(learned, self.val_baselines, groups)}
 
     def on_validation_epoch_end(self) -> None:
         values = self.evaluate_validation()

@@ -169,7 +169,7 @@ def test_report(
     learned = items.pop("learned")
     return {
         "summary": {"learned": summarize(learned), **{k: summarize(v) for k, v in items.items()}},
-        "margins": margins(learned, items, groups=("story", "roles", "mentions")),
+        "margins": margins(learned, items, groups=("story", "roles", "mentions", "assign")),
         "items": {"learned": learned, **items},
     }
 

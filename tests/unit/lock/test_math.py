@@ -359,3 +359,41 @@ def test_derange_within_keeps_groups_apart():
     perm = derange_within(groups, torch.Generator().manual_seed(0))
     assert all(groups[int(j)] == groups[i] for i, j in enumerate(perm))
     assert all(int(perm[i]) != i for i in range(12)) and int(perm[12]) == 12
+
+
+def test_assignment_ranks_score_the_analogy_within_each_pair_and_ignore_shared_shifts():
+    from analoglock.lock.evaluate import assignment_ranks, score_items, summarize
+    from analoglock.paired import PairedActivations
+
+    g = torch.Generator().manual_seed(0)
+    pairs = [f"p{i}" for i in range(6) for _ in range(3)] + ["solo"]
+    a = torch.randn(len(pairs), 16, generator=g, dtype=torch.float64)
+    shift = {p: torch.randn(16, generator=g, dtype=torch.float64) * 5 for p in set(pairs)}
+    b = a + torch.stack([shift[p] for p in pairs]) + 0.05 * torch.randn(a.shape, generator=g)
+    hit, rr, chance = assignment_ranks(a, b, pairs)
+    assert len(hit) == 18  # the one-role pair is left out
+    assert hit.tolist() == [1.0] * 18 and rr.tolist() == [1.0] * 18
+    assert torch.allclose(chance, torch.full((18,), 1 / 3, dtype=torch.float64))
+    # a translation of the mapped rows changes nothing: only role-to-role structure counts
+    t_hit, t_rr, _ = assignment_ranks(a + 100.0, b, pairs)
+    assert torch.equal(t_hit, hit) and torch.equal(t_rr, rr)
+    # the B roles of each pair rotated by one: every own partner is now wrong
+    rot = torch.cat([b[i : i + 3].roll(1, dims=0) for i in range(0, 18, 3)] + [b[18:]])
+    r_hit, _, _ = assignment_ranks(a, rot, pairs)
+    assert r_hit.sum() == 0
+    part = PairedActivations(
+        a.float(), b.float(), pairs, ["role0"] * len(pairs), ["test"] * len(pairs)
+    )
+    out = summarize(score_items(a.float(), part, torch.zeros(16)))
+    assert out["top1_assign"] == 1.0 and out["n_assign"] == 18
+    assert out["chance_assign"] == pytest.approx(1 / 3)
+    assert "equivariance_assign" not in out
+
+
+def test_criterion_on_the_within_pair_assignment_has_no_relation_clause():
+    c = LockCriterion(views=("assign",), baselines=("identity",), patience=1)
+    verdicts = c.clauses({"top1_assign_vs_identity": [0.03, 0.01, 0.06]}, drift=0.0)
+    assert verdicts == {"top1_assign_vs_identity": True, "drift": True}
+    assert not c.clauses({"top1_assign_vs_identity": [0.01, -0.01, 0.04]}, 0.0)[
+        "top1_assign_vs_identity"
+    ]
