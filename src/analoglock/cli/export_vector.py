@@ -4,7 +4,10 @@ Example: `analoglock-export-vector src=checkpoints/fable_to_work` writes
 `checkpoints/fable_to_work/controlvector-learned.gguf` (+ `.safetensors`). From a lock run it takes
 the `learned` or `meandiff` vector at the lock's hook, and, when `analoglock-steer` has run there,
 the scale it chose and the effect it measured (steer.json); from an analoglock `.safetensors`
-vector it rewrites the same vector as GGUF. Prints where the vector acts and what it carries.
+vector it rewrites the same vector as GGUF; from a contrast steering run
+(`analoglock-steer contrast=...`), `vector=<aggregator>` exports that aggregator's vector, stored
+at the scale chosen on validation with the effect measured on test. Prints where the vector acts
+and what it carries.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from omegaconf import DictConfig
 from analoglock.cli._conf import CONF_PATH
 
 STEER_FILE = "steer.json"  # analoglock-steer's report, written into the lock run directory
+CONTRAST_VECTOR_FILE = (
+    "vector-{}.safetensors"  # analoglock-steer contrast=... writes one per aggregator
+)
 # vector -> (steer.json arms to read, best first; the strength each arm reports)
 STEER_ARMS = {"learned": (("lock",), "alpha"), "meandiff": (("meandiff_best", "meandiff"), "scale")}
 
@@ -82,8 +88,30 @@ def from_lock_run(run_dir: Path, vector: str, scale: float | str):
     )
 
 
+def contrast_vector_file(run_dir: Path, vector: str) -> tuple[Path, Path]:
+    """(the vector file, the .gguf to write) of a contrast steering run's aggregator `vector`
+    (`analoglock-steer contrast=...` writes vector-<aggregator>.safetensors beside steer.json)."""
+    from analoglock.lock.export import ARTIFACT_FILE
+    from analoglock.vectors import VectorError
+
+    path = run_dir / CONTRAST_VECTOR_FILE.format(vector)
+    if not path.is_file():
+        found = sorted(p.name for p in run_dir.glob(CONTRAST_VECTOR_FILE.format("*")))
+        raise VectorError(
+            f"src={run_dir} holds no {ARTIFACT_FILE} (a lock run) and no {path.name}: "
+            + (
+                f"it holds {', '.join(found)}; give vector=<aggregator> of one of them."
+                if found
+                else "give a lock run directory, a contrast steering run (analoglock-steer "
+                "contrast=...) or an analoglock .safetensors vector."
+            )
+        )
+    return path, run_dir / f"controlvector-{vector}.gguf"
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Everything `main` does but printing; returns what was written (tests call this)."""
+    from analoglock.lock.export import ARTIFACT_FILE
     from analoglock.vectors import (
         VectorError,
         control_hook,
@@ -93,6 +121,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
 
     src = Path(str(cfg.src))
+    default_out = None
+    if src.is_dir() and not (src / ARTIFACT_FILE).exists():
+        src, default_out = contrast_vector_file(src, str(cfg.vector))
     if src.is_dir():
         cv = from_lock_run(src, str(cfg.vector), cfg.scale)
         out = Path(cfg.out) if cfg.out else src / f"controlvector-{cfg.vector}.gguf"
@@ -102,7 +133,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             factor = float(cfg.scale) / float(cv.provenance.get("scale") or 1.0)
             cv.directions = {n: factor * v for n, v in cv.directions.items()}
             cv.provenance["scale"] = float(cfg.scale)
-        out = Path(cfg.out) if cfg.out else src.with_suffix(".gguf")
+        out = Path(cfg.out) if cfg.out else default_out or src.with_suffix(".gguf")
     else:
         raise VectorError(
             f"src={src}: give a lock run directory (holding lock.safetensors) or an analoglock "
