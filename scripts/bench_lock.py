@@ -47,12 +47,16 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--n-random", type=int, default=20, help="covariance-drawn random directions")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--out", default="runs/bench_lock")
-    p.add_argument("--model", default=None, help="an HF model dir (default: the embedded SmolLM2)")
+    p.add_argument("--model", default=None,
+                   help="an embedded model's config name (smollm2, gemma3) or an HF name/dir "
+                        "(default: the embedded SmolLM2)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-prompts", type=int, default=None, help="first n pairs of each split")
     p.add_argument("--alpha", type=float, nargs="+", default=[0.5, 1.0])
     p.add_argument("--map-positions", nargs="+", default=["roles", "all"])
     p.add_argument("--scale", type=float, nargs="+", default=[2.0, 4.0])
+    p.add_argument("--no-steer", action="store_true",
+                   help="stop after the seeds' held-out retrieval (skip stage 3, the slow one)")  # fmt: skip
     p.add_argument("--selected", default=None,
                    help="a selection.json from an earlier run: skip stage 1 and use its best")  # fmt: skip
     return p.parse_args(argv)
@@ -69,7 +73,17 @@ def compose(overrides: list[str]):
 
 
 def model_overrides(args) -> list[str]:
-    return ["model=hf", f"model.spec={args.model}"] if args.model else []
+    """Hydra overrides for --model: a config of the model group by name, else an HF spec."""
+    if not args.model:
+        return []
+    from importlib.resources import files
+
+    named = "/" not in args.model and files("analoglock.conf").joinpath(
+        "model", f"{args.model}.yaml"
+    )
+    if named and named.is_file():
+        return [f"model={args.model}"]
+    return ["model=hf", f"model.spec={args.model}"]
 
 
 def select(args, base: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -103,13 +117,15 @@ def select(args, base: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 b: {k: float(v.mean()) for k, v in {
                     "top1_roles": module.val_baselines[b]["roles"]["hit"],
                     "mrr_roles": module.val_baselines[b]["roles"]["rr"],
-                    "top1_story": module.val_baselines[b]["story"]["hit"]}.items()}
+                    "top1_story": module.val_baselines[b]["story"]["hit"],
+                    "top1_assign": module.val_baselines[b]["assign"]["hit"]}.items()}
                 for b in module.val_baselines
             }  # fmt: skip
             row = {
                 "hook": hook, "map": name, "best_epoch": best["epoch"],
                 "val_mrr_roles": best["mrr_roles"], "val_top1_roles": best["top1_roles"],
                 "val_top1_story": best["top1_story"],
+                "val_top1_assign": best.get("top1_assign"),
                 "val_margin_roles_vs_meandiff": best["margins"].get("top1_roles_vs_meandiff"),
                 "locked_any_epoch": any(h["locked"] for h in hist),
                 "baselines": base_val, "seconds": round(time.perf_counter() - t0, 1),
@@ -146,6 +162,18 @@ def main(argv=None) -> dict[str, Any]:
         runs.append({"seed": seed, "dir": str(run_dir), "locked": metrics["locked"],
                      "test": metrics["test"], "test_margins": metrics["test_margins"]})  # fmt: skip
 
+    result = {
+        "selected": {k: best[k] for k in ("hook", "map", "best_epoch", "val_mrr_roles")},
+        "n_seeds": len(runs),
+        "locked": [r["locked"] for r in runs],
+        "test_role_retrieval": {r["seed"]: r["test"] for r in runs},
+        "test_margins": {r["seed"]: r["test_margins"] for r in runs},
+    }
+    if args.no_steer:
+        (out / "bench_lock.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+        return result
+
     from analoglock.lock.steering.bench import steer_seeds
 
     steering = steer_seeds(
@@ -158,13 +186,7 @@ def main(argv=None) -> dict[str, Any]:
         positions=args.map_positions,
         scales=args.scale,
     )
-    result = {
-        "selected": {k: best[k] for k in ("hook", "map", "best_epoch", "val_mrr_roles")},
-        "n_seeds": len(runs),
-        "locked": [r["locked"] for r in runs],
-        "test_role_retrieval": {r["seed"]: r["test"] for r in runs},
-        **steering,
-    }
+    result.update(steering)
     (out / "bench_lock.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     return result

@@ -100,3 +100,5 @@ def test_bench_lock(tiny_dir, tmp_path, monkeypatch):
     }
     sel = json.loads((tmp_path / "bench" / "selection.json").read_text())
     assert len(sel["table"]) == 2  # 2 layers x 1 map, scored on validation only
+    assert all(0 <= row["val_top1_assign"] <= 1 for row in sel["table"])  # the analogy in a pair
+    assert "top1_assign" in out["test_role_retrieval"]["0"]["learned"]
