@@ -52,6 +52,8 @@ def lock_curves(history: list[dict[str, Any]], views=("story", "roles")) -> go.F
     col = len(views) + 1
     for v in views:
         ys = [h["margins"].get(f"rel_err_{v}_vs_identity", [None] * 3)[2] for h in history]
+        if all(y is None for y in ys):
+            continue  # within-pair assignment has no relation error
         fig.add_trace(
             go.Scatter(x=epochs, y=ys, mode="lines", name=f"rel. error {v}", showlegend=True),
             row=1, col=col,
@@ -77,7 +79,8 @@ def test_bars(
 ) -> go.Figure:
     """Held-out test top-1 (story, roles) and role MRR per map; error bars where given."""
     keys = [("top1_story", "top-1, stories"), ("top1_roles", "top-1, roles"),
-            ("mrr_roles", "MRR, roles")]  # fmt: skip
+            ("mrr_roles", "MRR, roles"), ("top1_assign", "top-1, role within its own story")]  # fmt: skip
+    keys = [k for k in keys if any(k[0] in d for d in summary.values())]
     fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[t for _, t in keys])
     for col, (key, _) in enumerate(keys, start=1):
         names = [n for n in summary if key in summary[n]]
@@ -94,10 +97,14 @@ def test_bars(
                    text=[f"{y:.2f}" for y in ys], textposition="outside", showlegend=False),
             row=1, col=col,
         )  # fmt: skip
-        n_items = next((summary[n].get("n_" + key.split("_")[1]) for n in names), None)
-        if n_items:
-            fig.add_hline(y=1 / n_items, line_dash="dot", line_color="grey", row=1, col=col)
-    fig.update_layout(height=420, title="held-out test pairs (dotted: chance 1/n)")
+        group = key.split("_")[1]
+        n_items = next((summary[n].get("n_" + group) for n in names), None)
+        chance = next((summary[n].get("chance_" + group) for n in names), None)
+        if chance is None and n_items:
+            chance = 1 / n_items
+        if chance:
+            fig.add_hline(y=chance, line_dash="dot", line_color="grey", row=1, col=col)
+    fig.update_layout(height=420, title="held-out test pairs (dotted: chance)")
     return fig
 
 
@@ -118,7 +125,9 @@ def lock_report(
 ) -> dict[str, go.Figure]:
     """Write out_dir/report.html and return its figures (for wandb)."""
     figures = {
-        "lock criterion per epoch (validation)": lock_curves(metrics["history"]),
+        "lock criterion per epoch (validation)": lock_curves(
+            metrics["history"], views=("story", "roles", "assign")
+        ),
         "held-out test": test_bars(metrics["test"]),
     }
     if mapped is not None and b is not None:
