@@ -403,7 +403,7 @@ def layer_hooks(layers: Sequence[int] | int, n_layers: int | None = None) -> lis
 
 
 def harvest_contrast(
-    model, contrast: Contrast, hooks: Sequence[str], read: str = "last", progress: bool = False
+    model, contrast: Contrast, hooks: Sequence[str], read: str = "mean", progress: bool = False
 ) -> ConceptActs:
     """Every item's positive and negative text at `hooks`, one row per text (its last token, or
     the mean over its tokens): a `ConceptActs` with classes (positive, negative)."""

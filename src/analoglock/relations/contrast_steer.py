@@ -106,8 +106,9 @@ class ContrastOptions:
     aggregators: Sequence[str] = ("meandiff", "pca", "probe")
     layers: Sequence[int] = (12,)
     """One vector per `blocks.N.hook_resid_post`; every layer's vector is added at once."""
-    read: str = "last"
-    """A text's row: its last token ("last") or the mean over its tokens ("mean")."""
+    read: str = "mean"
+    """A text's row: the mean over its tokens ("mean": what a whole continuation says, where its
+    last token may stop mid-sentence) or its last token ("last")."""
     probe_layer: int | None = None
     """Where the probe reads continuations (None: the last of `layers`)."""
     scales: Sequence[float] = (1.0, 2.0, 4.0, 8.0)

@@ -133,9 +133,13 @@ def sweep_figure(report: Mapping[str, Any]) -> go.Figure:
                 **_where(k),
             )
         _reference(fig, report, m, k)
-    fig.update_xaxes(title_text="scale (x + scale v; every v at the mean difference's norm)")
+    fig.update_xaxes(title_text="scale")
     n = report.get("selection", {}).get("n_prompts")
-    fig.update_layout(height=330 * math.ceil(len(measures) / COLS), title=f"Validation sweep (n = {n} prompts)")  # fmt: skip
+    fig.update_layout(
+        height=330 * math.ceil(len(measures) / COLS),
+        title=f"Validation sweep (n = {n} prompts): x + scale v, every v at the mean difference's "
+        "norm; stars: each aggregator's choice",
+    )
     return fig
 
 
@@ -184,7 +188,7 @@ def random_figure(report: Mapping[str, Any]) -> go.Figure:
     rnd = report["test"]["random"]
     fig = _subplots(measures)
     for k, m in enumerate(measures):
-        for agg, cell in rnd.items():
+        for j, (agg, cell) in enumerate(rnd.items()):
             fig.add_trace(
                 go.Box(
                     x=[label(agg)] * len(cell["values"][m]),
@@ -194,7 +198,7 @@ def random_figure(report: Mapping[str, Any]) -> go.Figure:
                     marker_color=colour("random"),
                     name=label("random"),
                     legendgroup="random",
-                    showlegend=k == 0,
+                    showlegend=k == 0 and j == 0,
                 ),
                 **_where(k),
             )

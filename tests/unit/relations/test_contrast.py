@@ -356,7 +356,7 @@ def test_exported_vector_round_trips_with_its_provenance(cli_run, tiny_model):
         assert torch.equal(cv.directions[n], stored.directions[n])
     # The file holds the probe vector at the scale chosen on validation.
     hooks = report["hooks"]
-    acts = harvest_contrast(tiny_model, load_contrast("emotion:angry-calm"), hooks, "last")
+    acts = harvest_contrast(tiny_model, load_contrast("emotion:angry-calm"), hooks, report["read"])
     vecs = contrast_vectors(acts, ["probe"], hooks)
     best = report["selection"]["chosen"]["probe"]["scale"]
     for n, h in ((1, hooks[0]), (2, hooks[1])):
