@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from analoglock.data import Document
+from analoglock.lock.steering.evaluate import select
 from analoglock.lock.steering.hooks import (
     Steering,
     SteeringError,
@@ -410,20 +411,6 @@ def random_p_values(
 # ---------------------------------------------------------------- selection
 
 
-def _feasible(row: Mapping[str, Any], opts: ContrastOptions) -> bool:
-    """Fluency and diversity within the limits (NaN fails)."""
-    fl, dv = row.get("fluency_ratio", math.nan), row.get("diversity_ratio", math.nan)
-    return fl <= opts.max_fluency and dv >= opts.min_diversity
-
-
-def _violation(row: Mapping[str, Any], opts: ContrastOptions) -> float:
-    """How far outside the limits a row is (0 inside; inf when unmeasured)."""
-    fl, dv = row.get("fluency_ratio", math.nan), row.get("diversity_ratio", math.nan)
-    if math.isnan(fl) or math.isnan(dv):
-        return math.inf
-    return max(0.0, fl - opts.max_fluency) + max(0.0, opts.min_diversity - dv)
-
-
 def _key(row: Mapping[str, Any]) -> tuple:
     """Largest concept shift, then judge shift, then the gentlest push."""
 
@@ -431,19 +418,6 @@ def _key(row: Mapping[str, Any]) -> tuple:
         return -math.inf if x is None or math.isnan(x) else float(x)
 
     return (num(row["concept_shift"]), num(row.get("judge_shift")), -row["norm"])
-
-
-def select(rows: Sequence[Mapping[str, Any]], opts: ContrastOptions) -> dict[str, Any]:
-    """The best row within the fluency and diversity limits; if none is, the least violating one
-    (flagged `constraint_met: false`)."""
-    if not rows:
-        raise ValueError("nothing to select from")
-    ok = [r for r in rows if _feasible(r, opts)]
-    if ok:
-        return {**max(ok, key=_key), "constraint_met": True}
-    least = min(_violation(r, opts) for r in rows)
-    near = [r for r in rows if _violation(r, opts) == least]
-    return {**max(near, key=_key), "constraint_met": False}
 
 
 # ---------------------------------------------------------------- the protocol
@@ -519,7 +493,10 @@ def steer_contrast(
             {"aggregator": agg, "scale": scale, "positions": positions, "norm": s.norm,
              **point_measures(r, base, measures)}
         )  # fmt: skip
-    chosen = {a: select([r for r in rows if r["aggregator"] == a], opts) for a in opts.aggregators}
+    chosen = {
+        a: select([r for r in rows if r["aggregator"] == a], opts, key=_key)
+        for a in opts.aggregators
+    }
     clock["sweep"] = time.perf_counter()
 
     # Test, once: the chosen settings, then random directions at each chosen norm.

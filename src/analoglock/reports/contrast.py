@@ -19,7 +19,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analoglock.atomic import write_text
+from analoglock.reports.steering import fmt, html_table, write_page
 
 ARM_COLOURS = {
     "unsteered": "#7f7f7f",
@@ -56,13 +56,6 @@ def colour(arm: str) -> str:
 def label(arm: str) -> str:
     """The arm's legend label."""
     return ARM_LABELS.get(arm, arm)
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """A number to `digits` significant digits ("n/a" for None or NaN)."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
 def _measures(report: Mapping[str, Any]) -> list[str]:
@@ -225,15 +218,6 @@ def random_figure(report: Mapping[str, Any]) -> go.Figure:
     return fig
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """An HTML table of escaped cells."""
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
-    )
-    return f"<table>{th and '<tr>' + th + '</tr>'}{body}</table>"
-
-
 def numbers_table(report: Mapping[str, Any]) -> str:
     """Test numbers per arm (value [lo, hi]), the p-values against the random directions, and
     the paired differences against the mean difference."""
@@ -261,7 +245,7 @@ def numbers_table(report: Mapping[str, Any]) -> str:
                 for m in measures
             ]
         )
-    return _table(["arm", *measures], rows)
+    return html_table(["arm", *measures], rows)
 
 
 def generations_table(report: Mapping[str, Any]) -> str:
@@ -281,13 +265,6 @@ def generations_table(report: Mapping[str, Any]) -> str:
     return f"<table class='gens'><tr>{head}</tr>{body}</table>"
 
 
-STYLE = """
-body { font-family: sans-serif; margin: 1.5em; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 13px; }
-td, th { border: 1px solid #ccc; padding: 4px 6px; vertical-align: top; }
-"""
-
-
 def contrast_figures(report: Mapping[str, Any]) -> dict[str, go.Figure]:
     """The report's figures by name (the same ones go to wandb)."""
     figs = {"test arms": arms_figure(report), "random directions": random_figure(report)}
@@ -297,9 +274,7 @@ def contrast_figures(report: Mapping[str, Any]) -> dict[str, go.Figure]:
 
 
 def write_contrast_report(report: Mapping[str, Any], path: str | Path) -> Path:
-    """Write steer.html (plotly.js inlined once, so it opens offline) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write steer.html for a contrast run and return its path."""
     src, probe = report["source"], report["probe"]
     chosen = report["selection"]["chosen"]
     title = f"Steering toward {src['direction']} ({src['spec']}) at {', '.join(report['hooks'])}"
@@ -315,19 +290,10 @@ def write_contrast_report(report: Mapping[str, Any], path: str | Path) -> Path:
         )
         + "."
     )
-    parts = [
-        f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>",
-        "<h2>Test numbers</h2>",
-        numbers_table(report),
-    ]
-    for i, (name, fig) in enumerate(contrast_figures(report).items()):
-        parts.append(f"<h2>{html.escape(name)}</h2>")
-        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
-    parts += ["<h2>Generations (test)</h2>", generations_table(report), "</body></html>"]
-    write_text(path, "\n".join(parts))
-    return path
+    return write_page(
+        path, title, intro, numbers_table(report), contrast_figures(report),
+        generations_table(report), "Generations (test)",
+    )  # fmt: skip
 
 
 def plot_contrast(report: Mapping[str, Any], path_html: str | Path) -> dict[str, go.Figure]:

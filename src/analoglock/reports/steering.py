@@ -223,7 +223,7 @@ def random_figure(report: Mapping[str, Any]) -> go.Figure:
     return fig
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+def html_table(head: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
     """An HTML table of escaped cells."""
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join(
@@ -245,7 +245,7 @@ def numbers_table(report: Mapping[str, Any]) -> str:
                 for c in (cells[m] for m in measures)
             ]
         )
-    out = _table(["arm", *measures], rows, "numbers")
+    out = html_table(["arm", *measures], rows, "numbers")
     paired = []
     for name, cells in summary.get("paired", {}).items():
         paired.append(
@@ -258,7 +258,7 @@ def numbers_table(report: Mapping[str, Any]) -> str:
         )
     if paired:
         out += "<p>Paired differences (bootstrap interval; p: bootstrap / Wilcoxon)</p>"
-        out += _table(["comparison", *measures], paired, "numbers")
+        out += html_table(["comparison", *measures], paired, "numbers")
     return out
 
 
@@ -297,10 +297,36 @@ def steering_figures(report: Mapping[str, Any]) -> dict[str, go.Figure]:
     return figs
 
 
-def write_steering_report(report: Mapping[str, Any], path: str | Path) -> Path:
-    """Write steer.html (plotly.js inlined once, so it opens offline) and return its path."""
+def write_page(
+    path: str | Path,
+    title: str,
+    intro: str,
+    numbers_html: str,
+    figures: Mapping[str, go.Figure],
+    generations_html: str,
+    generations_title: str = "Generations",
+) -> Path:
+    """A steering page: title, intro, the numbers table, the figures (plotly.js inlined once, so
+    the page opens offline) and the generations, written atomically; returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    parts = [
+        f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>",
+        "<h2>Test numbers</h2>",
+        numbers_html,
+    ]
+    for i, (name, fig) in enumerate(figures.items()):
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
+    parts += [f"<h2>{html.escape(generations_title)}</h2>", generations_html, "</body></html>"]
+    write_text(path, "\n".join(parts))
+    return path
+
+
+def write_steering_report(report: Mapping[str, Any], path: str | Path) -> Path:
+    """Write steer.html for a lock run and return its path."""
     sel = report.get("selection", {})
     lock = sel.get("lock", {})
     title = (
@@ -313,19 +339,10 @@ def write_steering_report(report: Mapping[str, Any], path: str | Path) -> Path:
         f"mean difference scale {fmt(sel.get('meandiff', {}).get('scale'))} (fluency-matched), "
         f"{fmt(sel.get('meandiff_best', {}).get('scale'))} (best)."
     )
-    parts = [
-        f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>",
-        "<h2>Test numbers</h2>",
-        numbers_table(report),
-    ]
-    for i, (name, fig) in enumerate(steering_figures(report).items()):
-        parts.append(f"<h2>{html.escape(name)}</h2>")
-        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False))
-    parts += ["<h2>Generations</h2>", generations_table(report), "</body></html>"]
-    write_text(path, "\n".join(parts))
-    return path
+    return write_page(
+        path, title, intro, numbers_table(report), steering_figures(report),
+        generations_table(report),
+    )  # fmt: skip
 
 
 def plot_steering(report: Mapping[str, Any], path_html: str | Path) -> dict[str, go.Figure]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -319,13 +319,18 @@ def _key(row: Mapping[str, Any]) -> tuple:
     return (num(row["analogue_mrr"]), num(row["role_mrr"]), num(row["judge_shift"]), -row["norm"])
 
 
-def select(rows: Sequence[Mapping[str, Any]], opts: SteerOptions) -> dict[str, Any]:
-    """The best row under the constraints; if none meets them, the least violating (flagged)."""
+def select(
+    rows: Sequence[Mapping[str, Any]],
+    opts: SteerOptions,
+    key: Callable[[Mapping[str, Any]], tuple] = _key,
+) -> dict[str, Any]:
+    """The best row by `key` under the fluency and diversity limits of `opts` (anything with
+    `max_fluency` and `min_diversity`); if none meets them, the least violating (flagged)."""
     if not rows:
         raise ValueError("nothing to select from")
     ok = [r for r in rows if _feasible(r, opts)]
     if ok:
-        return {**max(ok, key=_key), "constraint_met": True}
+        return {**max(ok, key=key), "constraint_met": True}
     least = min(_violation(r, opts) for r in rows)
     near = [r for r in rows if _violation(r, opts) == least]
     log.warning(
@@ -334,7 +339,7 @@ def select(rows: Sequence[Mapping[str, Any]], opts: SteerOptions) -> dict[str, A
         opts.max_fluency,
         opts.min_diversity,
     )
-    return {**max(near, key=_key), "constraint_met": False}
+    return {**max(near, key=key), "constraint_met": False}
 
 
 def fluency_matched(rows: Sequence[Mapping[str, Any]], target: float) -> dict[str, Any]:
