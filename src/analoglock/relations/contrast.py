@@ -11,7 +11,8 @@ every check that can refuse one before a model loads (one or unknown class, unba
 empty side named by file and line, a split with no rows, a bad layer), harvesting it through
 `concepts.harvest_concepts` (each text's last token, or the mean over its tokens, at
 `blocks.N.hook_resid_post`), one vector per aggregator and layer from the train rows, and the
-held-out probe that scores text for the concept. Knows nothing of steering (`contrast_steer`).
+held-out probe that scores text for the concept. Knows nothing of steering (`contrast_steer`,
+`contrast_arms`).
 """
 
 from __future__ import annotations

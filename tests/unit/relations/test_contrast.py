@@ -29,15 +29,8 @@ from analoglock.relations.contrast import (
     layer_hooks,
     load_contrast,
 )
-from analoglock.relations.contrast_steer import (
-    MEASURES,
-    ContrastOptions,
-    Readout,
-    Task,
-    layered,
-    run_arm,
-    steer_contrast,
-)
+from analoglock.relations.contrast_arms import MEASURES, Readout, Task, layered, run_arm
+from analoglock.relations.contrast_steer import ContrastOptions, steer_contrast
 from tests.helpers import compose_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,7 +7,7 @@ import html
 
 import torch
 
-from analoglock.relations.contrast_steer import (
+from analoglock.relations.contrast_arms import (
     MEASURES,
     ArmValues,
     point_measures,
