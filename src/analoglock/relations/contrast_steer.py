@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from analoglock.lock.steering.evaluate import select
+from analoglock.lock.steering.arms import select
 from analoglock.lock.steering.hooks import SteeringError, check_positions, covariance_directions
 from analoglock.lock.steering.prompts import NEUTRAL_PROMPTS, check_prompt_lengths
 from analoglock.lock.steering.summary import jsonable

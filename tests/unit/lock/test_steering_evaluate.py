@@ -24,7 +24,7 @@ from analoglock.lock.steering import (
     select,
     summarize,
 )
-from analoglock.lock.steering.evaluate import fluency_matched
+from analoglock.lock.steering.arms import fluency_matched
 from analoglock.model import model_info
 
 HOOK = "blocks.1.hook_resid_post"

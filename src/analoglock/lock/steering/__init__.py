@@ -4,22 +4,20 @@
 checked before it runs; steered generation and teacher-forced passes; random controls),
 `prompts` (story openings, role positions in text, role-transfer prefixes, neutral and user
 prompts, length checks), `measures` (per-unit numbers: judge shift, analogue rank, role
-transfer, fluency, diversity, loops, neutral KL), `evaluate` (the protocol: arms, selection on
-validation, one test evaluation, bootstrap summaries), `bench` (the same over training seeds). Decoding lives in `analoglock.generation`,
+transfer, fluency, diversity, loops, neutral KL), `task` (the options; one split's prompts and
+judge references), `arms` (one arm measured per unit; the selection rule), `evaluate` (the
+protocol: sweep on validation, choice, one test evaluation, the report), `summary` (bootstrap
+summaries), `bench` (the same over training seeds). Decoding lives in `analoglock.generation`,
 the judge in `analoglock.lock.judge`, the plots in `analoglock.reports.steering`.
 """
 
+from analoglock.lock.steering.arms import run_arm, select
 from analoglock.lock.steering.bench import steer_seeds
 from analoglock.lock.steering.evaluate import (
-    SteeringTask,
-    SteerOptions,
     arm_results,
-    build_task,
     choose,
     evaluate_test,
-    run_arm,
     run_steering,
-    select,
     sweep,
 )
 from analoglock.lock.steering.hooks import (
@@ -74,6 +72,7 @@ from analoglock.lock.steering.summary import (
     random_p_values,
     summarize,
 )
+from analoglock.lock.steering.task import SteeringTask, SteerOptions, build_task
 
 __all__ = [
     "MEASURES",

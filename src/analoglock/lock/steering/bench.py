@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from analoglock.atomic import write_text
-from analoglock.lock.steering.evaluate import SteerOptions, arm_results, run_steering
+from analoglock.lock.steering.evaluate import arm_results, run_steering
 from analoglock.lock.steering.summary import headline, jsonable, summarize
+from analoglock.lock.steering.task import SteerOptions
 
 log = logging.getLogger(__name__)
 
