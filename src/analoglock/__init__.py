@@ -14,11 +14,11 @@ The working API, for a notebook (imported on first use, so `import analoglock` s
 
 Packages, one concern each, imports one way (data -> model -> activations -> bases -> {lock,
 patching} -> relations -> reports -> cli; `make test` enforces it): `data` (shipped datasets),
-`model` / `hooks` / `tokens` / `generation`, `activations` and `paired` (harvests, A/B pairs),
-`bases` (SAE, PCA, SVD, NMF, CCA, labels), `lock` (the analogy lock: maps, losses, criterion,
-training, export, steering), `patching` (feature-to-feature causation), `relations` (concept
-relations), `reports` (HTML), `cli` (thin Hydra entry points), `vectors` (llama.cpp control
-vectors).
+`model` / `hooks` / `tokens` / `generation`, `activations`, `activation_store` and `paired`
+(harvests, their files, A/B pairs), `bases` (SAE, PCA, SVD, NMF, CCA, labels), `lock` (the
+analogy lock: maps, losses, criterion, training, export, steering), `patching`
+(feature-to-feature causation), `relations` (concept relations), `reports` (HTML), `cli` (thin
+Hydra entry points), `vectors` (llama.cpp control vectors).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _API = {
     "load_pairs": "analoglock.data",
     "harvest": "analoglock.activations",
     "harvest_to_disk": "analoglock.activations",
-    "ActivationStore": "analoglock.activations",
+    "ActivationStore": "analoglock.activation_store",
     "generate": "analoglock.generation",
     "paired_activations": "analoglock.paired",
     "build_basis": "analoglock.bases",

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from analoglock.activations import META_FILE, Activations, ActivationStore, harvest_to_disk
+from analoglock.activation_store import META_FILE, Activations, ActivationStore
+from analoglock.activations import harvest_to_disk
 from analoglock.data import load_documents, load_pairs
 from analoglock.model import cache_root, model_info
 from analoglock.positions import AllTokens

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from analoglock.activations import ActivationStore, harvest, harvest_to_disk
+from analoglock.activation_store import ActivationStore
+from analoglock.activations import harvest, harvest_to_disk
 from analoglock.data import load_documents
 from analoglock.generation import chat_prompt, generate
 from analoglock.hooks import LayerOutOfRangeError, validate_hook

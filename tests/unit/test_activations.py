@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from analoglock import activations as act_mod
-from analoglock.activations import ActivationStore, harvest, harvest_to_disk, tokenize_documents
+from analoglock.activation_store import ActivationStore
+from analoglock.activations import harvest, harvest_to_disk, tokenize_documents
 from analoglock.data import Document, load_documents
 from analoglock.hooks import HookNameError, LayerOutOfRangeError, stop_layer, validate_hook
 from analoglock.positions import AllTokens, LastToken, SpanTokens
@@ -179,7 +180,7 @@ def test_cli_domain_stats_stream_equals_in_memory(tiny_model, tmp_path):
 
 
 def test_out_of_range_positions_are_an_error_not_an_empty_harvest(tiny_model, docs, tmp_path):
-    from analoglock.activations import HarvestError
+    from analoglock.activation_store import HarvestError
     from analoglock.positions import TokenIndices
 
     out = tmp_path / "h"
@@ -235,7 +236,7 @@ def test_too_long_documents_are_refused_before_any_forward(tiny_model, monkeypat
 
 
 def test_incomplete_harvest_names_missing_batches_and_resume(tiny_model, tmp_path, monkeypatch):
-    from analoglock.activations import IncompleteHarvestError
+    from analoglock.activation_store import IncompleteHarvestError
 
     docs = load_documents("fable_work", split="validation")
     interrupted_harvest(monkeypatch, tiny_model, docs, [HOOK], tmp_path, 3, dataset="fable_work", batch_tokens=512, shard_rows=1)  # fmt: skip
@@ -250,7 +251,7 @@ def test_incomplete_harvest_names_missing_batches_and_resume(tiny_model, tmp_pat
 
 
 def test_truncated_or_short_shard_is_named(tiny_model, docs, tmp_path):
-    from analoglock.activations import HarvestError
+    from analoglock.activation_store import HarvestError
 
     store = harvest_to_disk(tiny_model, docs, [HOOK], tmp_path, shard_rows=7, progress=False)
     shard = tmp_path / store.meta["shards"][0]["file"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from analoglock.activations import Activations, ActivationStore, HarvestError
+from analoglock.activation_store import Activations, ActivationStore, HarvestError
 from analoglock.atomic import check_out_dir, write_json
 from analoglock.bases import basis_class, build_basis
 from analoglock.bases.quality import splice_quality

@@ -23,7 +23,7 @@ import torch
 from sae_lens import SAE
 from torch import Tensor
 
-from analoglock.activations import ActivationStore
+from analoglock.activation_store import ActivationStore
 from analoglock.atomic import write_json
 from analoglock.bases.base import (
     CFG_FILE,

@@ -31,7 +31,7 @@ from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.optim import CoefficientScheduler, get_lr_scheduler
 from torch import Tensor
 
-from analoglock.activations import ActivationStore
+from analoglock.activation_store import ActivationStore
 from analoglock.registry import lookup
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from analoglock.cli._conf import CONF_PATH
 @hydra.main(version_base=None, config_path=CONF_PATH, config_name="dashboard")
 def main(cfg: DictConfig) -> None:
     """Check basis/harvest/model agree, optionally label, render; print where the page is."""
-    from analoglock.activations import ActivationStore
+    from analoglock.activation_store import ActivationStore
     from analoglock.atomic import check_out_dir
     from analoglock.bases import load_basis, read_basis_cfg
     from analoglock.bases.contexts import feature_codes

@@ -12,7 +12,8 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from analoglock.activations import META_FILE, ActivationStore, HarvestError, harvest_to_disk
+from analoglock.activation_store import META_FILE, ActivationStore, HarvestError
+from analoglock.activations import harvest_to_disk
 from analoglock.atomic import check_out_dir, finite
 from analoglock.cli._conf import CONF_PATH
 

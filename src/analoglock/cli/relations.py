@@ -34,7 +34,7 @@ def load_concept_sets(
     model, names: list, hooks: list[str], pool: str, max_length: int, seed: int, progress: bool
 ) -> dict:
     """Each name: a shipped set, a .jsonl file, or a concept-set harvest directory."""
-    from analoglock.activations import META_FILE
+    from analoglock.activation_store import META_FILE
     from analoglock.relations.concepts import concepts_from_store, harvest_concepts
 
     if not names:

@@ -21,7 +21,8 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from analoglock.activations import Activations, ActivationStore, harvest, tokenize_documents
+from analoglock.activation_store import Activations, ActivationStore
+from analoglock.activations import harvest, tokenize_documents
 from analoglock.data import ContrastSet, Document, concept_documents, load_concepts
 from analoglock.hooks import hook_layer, stop_layer, validate_hooks
 from analoglock.positions import AllTokens, SpanTokens

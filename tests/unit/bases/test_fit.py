@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from analoglock.activations import ActivationStore, IncompleteHarvestError, harvest_to_disk
+from analoglock.activation_store import ActivationStore, IncompleteHarvestError
+from analoglock.activations import harvest_to_disk
 from analoglock.bases import load_basis
 from analoglock.bases.fit import fit_basis_on_store, split_documents
 from analoglock.data import load_documents

@@ -9,7 +9,8 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from analoglock.activations import ActivationStore, harvest_to_disk
+from analoglock.activation_store import ActivationStore
+from analoglock.activations import harvest_to_disk
 from analoglock.bases import BASES, SAEBasis, load_basis, match_features
 from analoglock.bases.fit import fit_basis_on_store
 from analoglock.bases.sae_train import LAST_CKPT, SAETrainConfig, train_sae

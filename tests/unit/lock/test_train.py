@@ -60,7 +60,7 @@ def test_pool_pairs_are_aligned(tiny_model, cache_dir):
     assert all(v == "story" or v.startswith(("role", "mention")) for v in paired.view)
     # Every mention is its own pair; a role's mentions outnumber its role-mean rows.
     assert len(paired.subset(view="mentions")) > len(paired.subset(view="roles"))
-    from analoglock.activations import ActivationStore
+    from analoglock.activation_store import ActivationStore
 
     store = ActivationStore(next((cache_dir / "harvests").iterdir()))
     acts = store.load()
