@@ -117,3 +117,36 @@ def test_an_exported_control_vector_acts_where_llama_cpp_adds_it(gemma3, plain_h
     finally:
         handle.remove()
     torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-4)
+
+
+def test_every_command_runs_on_gemma3(tmp_path):
+    """harvest -> fit-basis -> patch -> trace with model=gemma3 at small sizes, as a user runs
+    them (train, steer and relations have their own Gemma runs in docs/benchmarks.md)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+
+    def run(cmd: str, *args: str) -> None:
+        done = subprocess.run(
+            [str(bin_dir / f"analoglock-{cmd}"), "model=gemma3", "progress=false", *args],
+            cwd=tmp_path, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert done.returncode == 0, f"analoglock-{cmd} failed:\n{done.stderr[-3000:]}"
+
+    acts = tmp_path / "harvest"
+    hooks = "[blocks.3.hook_resid_post,blocks.7.hook_resid_post]"
+    run("harvest", f"hooks={hooks}", "data.limit=12", f"out_dir={acts}")
+    for layer in (3, 7):
+        run("fit-basis", f"acts={acts}", f"hook=blocks.{layer}.hook_resid_post",
+            "basis=pca", "n_features=16", f"out_dir={tmp_path / f'pca-l{layer}'}")  # fmt: skip
+    run("patch", f"upstream={tmp_path / 'pca-l3'}", f"downstream={tmp_path / 'pca-l7'}",
+        "method=both", "limit=2", f"out_dir={tmp_path / 'patch'}")  # fmt: skip
+    graph = json.loads((tmp_path / "patch" / "graph.json").read_text())
+    assert graph["edges"] and all(
+        e["control"] is not None for e in graph["edges"]
+    )  # every edge has its random-direction control
+    run("trace", f"basis={tmp_path / 'pca-l7'}", "analysis=chains", "limit=4", "n_features=4",
+        f"out_dir={tmp_path / 'trace'}")  # fmt: skip
+    assert any((tmp_path / "trace").iterdir())
