@@ -83,12 +83,18 @@ bench: $(STAMP)
 # Subsampled to fit one run under 30 minutes on a 2-core CPU (the sizes below, restated in lre.md;
 # drop them for the paper's full protocol). The CLI needs one concept set: gender is the smallest.
 # Writes relations.json, report.html, lre.html and lre.md under LRE_OUT (docs/benchmarks.md).
+# Gemma-3 (after `make gemma3`), at the same relative depth:
+#   make lre LRE_MODEL=gemma3 LRE_LAYERS='lre.layers=[2,5,7] lre.layer=5' LRE_OUT=runs/lre_gemma
+# Linguistic and bias relations: add LRE_KINDS='lre.kinds=[linguistic,bias]'.
 LRE_OUT ?= runs/lre
-LRE_ARGS ?= lre.layers=[4,8,12] lre.layer=8 lre.n_jacobian=2 lre.max_samples=40 lre.max_test=16 \
+LRE_MODEL ?= smollm2
+LRE_LAYERS ?= lre.layers=[4,8,12] lre.layer=8
+LRE_KINDS ?= lre.kinds=[factual]
+LRE_ARGS ?= $(LRE_LAYERS) $(LRE_KINDS) lre.n_jacobian=2 lre.max_samples=40 lre.max_test=16 \
 	lre.n_pairs=8 lre.lock_steps=200
 lre: $(STAMP)
-	$(VENV)/bin/analoglock-relations analyses=[lre] concepts=[gender] out_dir=$(LRE_OUT) \
-		threads=1 progress=false $(LRE_ARGS)
+	$(VENV)/bin/analoglock-relations model=$(LRE_MODEL) analyses=[lre] concepts=[gender] \
+		out_dir=$(LRE_OUT) threads=1 progress=false $(LRE_ARGS)
 	$(PY) -m analoglock.reports.lre $(LRE_OUT)
 
 clean:

@@ -29,7 +29,7 @@ HYDRA_FLAGS = {"--multirun", "-m"}
 # Overrides that name a directory an earlier command must have written.
 INPUT_KEYS = ("acts", "basis", "upstream", "downstream", "few", "many", "ckpt")
 # Makefile targets the README runs: their analoglock commands are checked like the README's own.
-MAKE_TARGETS = ("make run", "make harvest")
+MAKE_TARGETS = ("make run", "make harvest", "make lre")
 
 
 def _readme_check():
@@ -88,13 +88,15 @@ def test_readme_command_composes_at_check_sizes(name, overrides):
 
 def makefile_commands(target: str) -> list[list[str]]:
     """The analoglock commands of a Makefile target's recipe, variables expanded, as argv lists."""
-    text = (ROOT / "Makefile").read_text(encoding="utf-8")
+    text = (ROOT / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")  # joined lines
     variables = dict(re.findall(r"^(\w+)\s*[?:]?=\s*(.*)$", text, flags=re.M))
     variables["VENV"] = ".venv"
     recipe = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", text, flags=re.M).group(1)
     out = []
     for line in recipe.splitlines():
-        line = re.sub(r"\$\((\w+)\)", lambda m: variables[m.group(1)], line.strip())
+        line = line.strip()
+        while "$(" in line:  # variables may name variables
+            line = re.sub(r"\$\((\w+)\)", lambda m: variables[m.group(1)], line)
         out += [w for w in readme_check.shell_commands(line) if Path(w[0]).name in CONFIG_OF]
     return out
 
