@@ -130,23 +130,23 @@ def test_every_command_runs_on_gemma3(tmp_path):
 
     def run(cmd: str, *args: str) -> None:
         done = subprocess.run(
-            [str(bin_dir / f"analoglock-{cmd}"), "model=gemma3", "progress=false", *args],
+            [str(bin_dir / f"analoglock-{cmd}"), "model=gemma3", *args],
             cwd=tmp_path, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert done.returncode == 0, f"analoglock-{cmd} failed:\n{done.stderr[-3000:]}"
 
     acts = tmp_path / "harvest"
     hooks = "[blocks.3.hook_resid_post,blocks.7.hook_resid_post]"
-    run("harvest", f"hooks={hooks}", "data.limit=12", f"out_dir={acts}")
+    run("harvest", f"hooks={hooks}", "data.limit=12", "progress=false", f"out_dir={acts}")
     for layer in (3, 7):
         run("fit-basis", f"acts={acts}", f"hook=blocks.{layer}.hook_resid_post",
             "basis=pca", "n_features=16", f"out_dir={tmp_path / f'pca-l{layer}'}")  # fmt: skip
     run("patch", f"upstream={tmp_path / 'pca-l3'}", f"downstream={tmp_path / 'pca-l7'}",
-        "method=both", "limit=2", f"out_dir={tmp_path / 'patch'}")  # fmt: skip
+        "method=both", "limit=2", "progress=false", f"out_dir={tmp_path / 'patch'}")  # fmt: skip
     graph = json.loads((tmp_path / "patch" / "graph.json").read_text())
     assert graph["edges"] and all(
         e["control"] is not None for e in graph["edges"]
     )  # every edge has its random-direction control
     run("trace", f"basis={tmp_path / 'pca-l7'}", "analysis=chains", "limit=4", "n_features=4",
-        f"out_dir={tmp_path / 'trace'}")  # fmt: skip
+        "progress=false", f"out_dir={tmp_path / 'trace'}")  # fmt: skip
     assert any((tmp_path / "trace").iterdir())
