@@ -185,3 +185,14 @@ def interrupted_harvest(monkeypatch, model, docs, hooks, out, killed_at: int, **
     with pytest.raises(KeyboardInterrupt):
         act_mod.harvest_to_disk(model, docs, hooks, out, progress=False, **kwargs)
     monkeypatch.setattr(act_mod, "_run_batch", real)
+
+
+class FakeJudge:
+    """Deterministic stand-in with the judge's interface: hashed bag-of-words embeddings."""
+
+    def embed(self, texts):
+        out = torch.full((len(texts), 32), 1e-3)
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, sum(map(ord, w)) % 32] += 1.0
+        return torch.nn.functional.normalize(out, dim=-1)

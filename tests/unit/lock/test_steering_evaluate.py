@@ -26,21 +26,11 @@ from analoglock.lock.steering import (
 )
 from analoglock.lock.steering.arms import fluency_matched
 from analoglock.model import model_info
+from tests.helpers import FakeJudge
 
 HOOK = "blocks.1.hook_resid_post"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class FakeJudge:
-    """Deterministic stand-in with the judge's interface: hashed bag-of-words embeddings."""
-
-    def embed(self, texts):
-        out = torch.full((len(texts), 32), 1e-3)
-        for i, t in enumerate(texts):
-            for w in t.lower().split():
-                out[i, sum(map(ord, w)) % 32] += 1.0
-        return torch.nn.functional.normalize(out, dim=-1)
 
 
 def make_artifact(model, out_dir, control=True, **extra):

@@ -31,7 +31,7 @@ from analoglock.relations.contrast import (
 )
 from analoglock.relations.contrast_arms import MEASURES, Readout, Task, layered, run_arm
 from analoglock.relations.contrast_steer import ContrastOptions, steer_contrast
-from tests.helpers import compose_cli
+from tests.helpers import FakeJudge, compose_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -239,17 +239,6 @@ def test_scale_zero_reproduces_the_unsteered_model(tiny_model):
     assert float(zero.neutral_kl.abs().max()) == 0.0
     big = run_arm(tiny_model, task, layered(tiny_model, vecs.vectors["probe"], 50.0), readout, "b", **kw)  # fmt: skip
     assert float(big.neutral_kl.min()) > 0  # a push at both layers does move the model
-
-
-class FakeJudge:
-    """Deterministic stand-in with the judge's interface: hashed bag-of-words embeddings."""
-
-    def embed(self, texts):
-        out = torch.full((len(texts), 32), 1e-3)
-        for i, t in enumerate(texts):
-            for w in t.lower().split():
-                out[i, sum(map(ord, w)) % 32] += 1.0
-        return torch.nn.functional.normalize(out, dim=-1)
 
 
 def test_a_pair_file_is_judged_toward_its_positive_side(tiny_model, tmp_path):
