@@ -5,6 +5,13 @@ topk_overlap, sign_agreement (attribution vs exact full ablation over all pairs)
 10% partial ablation (the linear regime), the random-direction controls' scale, and the cost of
 the block rerun vs a full forward with a hook (+ stop_at_layer) on the same interventions.
 
+Every agreement number has a `<key>_ci95`: a percentile bootstrap over UPSTREAM features (rows of
+the effect matrices; each is an independent intervention, its downstream codes are not), n_boot
+resamples seeded with --seed (`patching.agreement_bootstrap`). The controls are compared per
+upstream feature, paired (`patching.control_contrast`: mean |effect| - mean |control| over its
+downstream codes, with a bootstrap interval, and the edges passing graph.json's beats_control rule).
+--seed also picks the fit rows and the control directions.
+
 Upstream: a saved basis (--upstream DIR) or, by default, a stand-in fit here on a harvest of
 blocks.6.hook_resid_post (positions=all of fable_work, made here on a fresh clone): an SAE when
 analoglock.bases has one (`sae`), else NMF (overcomplete: PCA/SVD cannot exceed d_model = 576
@@ -55,6 +62,11 @@ def parse() -> argparse.Namespace:
     p.add_argument(
         "--compare-full", type=int, default=16, help="features timed through the full-forward path"
     )
+    p.add_argument(
+        "--n-control", type=int, default=64, help="upstream features rerun with their controls"
+    )
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of upstream rows")
+    p.add_argument("--seed", type=int, default=0, help="fit rows, control directions, bootstrap")
     p.add_argument("--threads", type=int, default=0)
     return p.parse_args()
 
@@ -103,19 +115,21 @@ def main() -> None:
     from analoglock.patching import (
         Ablate,
         Segment,
-        agreement,
+        agreement_bootstrap,
         attribution_effects,
         build_prompts,
         clean_runs,
+        control_contrast,
         exact_effects,
     )
+    from analoglock.stats import percentile_interval
 
     load0 = os.getloadavg()[0]
     h1, h2 = args.h1, args.h2
     model = load_model(args.model)
     store = harvest_if_missing(model, args.harvest, [h1, h2], args.docs)
     acts = store.load([h1, h2])
-    rows = torch.randperm(len(acts.doc), generator=torch.Generator().manual_seed(0))[
+    rows = torch.randperm(len(acts.doc), generator=torch.Generator().manual_seed(args.seed))[
         : args.fit_rows
     ]
     t0 = time.perf_counter()
@@ -140,7 +154,8 @@ def main() -> None:
     at = attribution_effects(seg, cleans, U, V, Ablate(1.0), **kw)
     sub = up[: args.n_partial]  # the linear-regime check on a subset: it costs as much as exact
     partial = exact_effects(seg, cleans, U, V, Ablate(0.1), upstream_ids=sub, control=False)
-    ctrl = exact_effects(seg, cleans, U, V, Ablate(1.0), upstream_ids=up[:64], control=True, progress=False)  # fmt: skip
+    ctrl = exact_effects(seg, cleans, U, V, Ablate(1.0), upstream_ids=up[: args.n_control], control=True,
+                         seed=args.seed, progress=False)  # fmt: skip
     # the alternative to the block rerun: a hook adding the delta at h1 in a full forward
     few = up[: args.compare_full]
     t1 = time.perf_counter()
@@ -155,9 +170,20 @@ def main() -> None:
             ].unsqueeze(1)
             seg.run_full(c.ids, delta)
     full_s = time.perf_counter() - t2
-    vs_exact = agreement(ex, at, k=200)
-    vs_partial = agreement(partial.effect / 0.1, at.effect[: len(sub)], k=200)
-    vs_exact_sub = agreement(ex.effect[: len(sub)], at.effect[: len(sub)], k=200)
+    t3 = time.perf_counter()
+    boot = dict(k=200, n_boot=args.n_boot, seed=args.seed, level=0.95)
+    b_exact = agreement_bootstrap(ex, at, **boot)
+    b_partial = agreement_bootstrap(partial.effect / 0.1, at.effect[: len(sub)], **boot)
+    b_sub = agreement_bootstrap(ex.effect[: len(sub)], at.effect[: len(sub)], **boot)
+    vs_exact, vs_partial, vs_exact_sub = b_exact["point"], b_partial["point"], b_sub["point"]
+    # b_partial and b_sub resample the same rows (same seed, same n): their difference is paired
+    paired = b_partial["replicates"]["spearman"] - b_sub["replicates"]["spearman"]
+    cc = control_contrast(ctrl.effect, ctrl.control, n_boot=args.n_boot, seed=args.seed)
+    boot_s = time.perf_counter() - t3
+
+    def ci(b: dict, stat: str) -> list[float]:
+        return [round(v, 4) for v in b["ci"][stat]]
+
     out = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
@@ -181,13 +207,39 @@ def main() -> None:
         "sign_agreement": round(vs_exact["sign_agreement"], 4),
         "sign_agreement_top200": round(vs_exact["sign_agreement_topk"], 4),
         "pearson": round(vs_exact["pearson"], 4),
+        "spearman_ci95": ci(b_exact, "spearman"),
+        "spearman_top200_ci95": ci(b_exact, "spearman_topk"),
+        "topk_overlap_ci95": ci(b_exact, "topk_overlap"),
+        "sign_agreement_ci95": ci(b_exact, "sign_agreement"),
+        "sign_agreement_top200_ci95": ci(b_exact, "sign_agreement_topk"),
+        "pearson_ci95": ci(b_exact, "pearson"),
+        "topk": vs_exact["topk"],
+        "n_boot": args.n_boot,
+        "seed": args.seed,
+        "bootstrap": "percentile 95%, resampling upstream features (rows) with replacement",
+        "bootstrap_s": round(boot_s, 1),
         "n_upstream_partial_check": len(sub),
         "spearman_vs_partial_0.1": round(vs_partial["spearman"], 4),
         "spearman_vs_exact_same_subset": round(vs_exact_sub["spearman"], 4),
         "pearson_vs_partial_0.1": round(vs_partial["pearson"], 4),
+        "spearman_vs_partial_0.1_ci95": ci(b_partial, "spearman"),
+        "spearman_vs_exact_same_subset_ci95": ci(b_sub, "spearman"),
+        "pearson_vs_partial_0.1_ci95": ci(b_partial, "pearson"),
+        "spearman_partial_minus_exact_same_subset": round(
+            vs_partial["spearman"] - vs_exact_sub["spearman"], 4
+        ),
+        "spearman_partial_minus_exact_same_subset_ci95": [
+            round(v, 4) for v in percentile_interval(paired, 0.95)
+        ],
         "control_mean_abs_over_effect_mean_abs": round(
             float(ctrl.control.abs().mean() / ctrl.effect.abs().mean()), 4
         ),  # fmt: skip
+        "n_upstream_control": cc["n_upstream"],
+        "effect_minus_control_mean": float(f"{cc['effect_minus_control_mean']:.4g}"),
+        "effect_minus_control_ci95": [float(f"{v:.4g}") for v in cc["effect_minus_control_ci"]],
+        "n_upstream_effect_above_control": cc["n_upstream_effect_above_control"],
+        "n_edges_control": cc["n_edges"],
+        "n_edges_beating_control": cc["n_edges_beating_control"],
         "rerun_vs_full_forward": {
             "features": len(few),
             "rerun_s": round(rerun_s, 2),

@@ -1,5 +1,6 @@
 """Shared statistics with no knowledge of models or features: derangements, row sums, random
-directions (isotropic and from the data's covariance), empirical p-values, Benjamini-Hochberg.
+directions (isotropic and from the data's covariance), the bootstrap (item resamples, percentile
+intervals, the mean), empirical p-values, Benjamini-Hochberg.
 
 A leaf: imports nothing of analoglock, so every layer (bases, lock, patching, relations) can use it.
 """
@@ -55,6 +56,30 @@ def derange_within(groups: list[str], generator: torch.Generator | None = None) 
         idx = torch.tensor(rows)
         perm[idx] = idx[derange(len(rows), generator)]
     return perm
+
+
+def bootstrap_indices(n: int, n_boot: int = 2000, seed: int = 0) -> Tensor:
+    """[n_boot, n] item indices drawn with replacement: the resamples of every bootstrap here.
+
+    Seeded, so a statistic bootstrapped twice with one seed sees the same resamples (which is
+    also what makes two statistics of the same items a paired comparison).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(int(n), (int(n_boot), int(n)), generator=gen)
+
+
+def percentile_interval(replicates: Tensor, level: float = 0.95) -> tuple[float, float]:
+    """(lo, hi): the central `level` percentile interval of bootstrap replicates.
+
+    NaN replicates (a statistic undefined on that resample) are dropped; all NaN gives NaNs.
+    """
+    r = replicates.detach().double().flatten()
+    r = r[~torch.isnan(r)]
+    if len(r) == 0:
+        return float("nan"), float("nan")
+    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(r, q).tolist()
+    return float(lo), float(hi)
 
 
 def bootstrap_mean(

@@ -59,10 +59,25 @@ def test_bench_patch(tiny_dir, tmp_path):
     out = run_script("bench_patch.py", "--model", tiny_dir, "--h1", "blocks.0.hook_resid_post", "--h2", "blocks.2.hook_resid_post",
                      "--harvest", str(tmp_path / "h"), "--docs", "12", "--upstream-kind", kind, "--width", "8",
                      "--n-up", "8", "--n-down", "4", "--prompts", "2", "--max-length", "12", "--fit-rows", "300",
-                     "--n-partial", "4", "--compare-full", "2", cwd=tmp_path)  # fmt: skip
+                     "--n-partial", "4", "--compare-full", "2", "--n-boot", "300", "--seed", "1",
+                     cwd=tmp_path)  # fmt: skip
     keys = {"exact_s", "attribution_s", "speedup", "spearman", "topk_overlap", "sign_agreement",
             "spearman_vs_partial_0.1", "control_mean_abs_over_effect_mean_abs", "rerun_vs_full_forward"}  # fmt: skip
     assert keys <= set(out) and out["upstream_basis"] == kind and out["n_upstream"] == 8
+    # every comparison has n, seeds and a bootstrap interval over upstream features holding its point
+    intervals = {"spearman", "spearman_top200", "topk_overlap", "sign_agreement", "sign_agreement_top200",
+                 "pearson", "spearman_vs_partial_0.1", "spearman_vs_exact_same_subset",
+                 "pearson_vs_partial_0.1", "spearman_partial_minus_exact_same_subset", "effect_minus_control"}  # fmt: skip
+    wanted = {f"{k}_ci95" for k in intervals}
+    assert wanted <= set(out), sorted(wanted - set(out))
+    for k in intervals:
+        lo, hi = out[f"{k}_ci95"]
+        point = out[k] if k in out else out[f"{k}_mean"]
+        assert lo <= point <= hi, (k, lo, point, hi)
+    assert (out["n_downstream"], out["n_prompts"], out["n_boot"], out["seed"]) == (4, 2, 300, 1)
+    assert out["n_upstream_control"] == 8 and out["n_edges_control"] == 8 * 4
+    assert 0 <= out["n_edges_beating_control"] <= 32
+    assert 0 <= out["n_upstream_effect_above_control"] <= 8
 
 
 def test_bench_load(tiny_dir, tmp_path):

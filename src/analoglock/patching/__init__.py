@@ -27,21 +27,24 @@ The pieces, in the order a run uses them (each module's docstring has the exact 
   it equals TransformerLens's `get_act_patch_resid_pre`). `Effects` carries the matrices, the
   feature ids of rows/columns, the method, the intervention, seconds.
 - `attribution`: `attribution_effects` (one forward per prompt, one batched VJP per downstream
-  code) and `agreement`.
+  code), `agreement` and `agreement_bootstrap` (its intervals over upstream features).
 - `paths`: `Routes` / `parse_routes(spec, segment)`: effects through chosen components only.
 - `readouts`: `IdentityBasis` (standard basis) and `TokenLogits` (next-token logits as
   downstream codes, for working backwards from an output).
-- `graph`: `build_graph`, `Thresholds`, `threshold_study`, `promoted_tokens`, `node_activations`.
+- `graph`: `build_graph`, `Thresholds`, `threshold_study`, `promoted_tokens`, `node_activations`,
+  `beats_control` (the edges' control rule) and `control_contrast` (effect vs control, paired).
 
 Bases are anything with `encode`, `directions`, `n_features` and `hook` (every
 `analoglock.bases.FeatureBasis`, `TokenLogits`). Knows nothing of CLIs or reports.
 """
 
-from analoglock.patching.attribution import agreement, attribution_effects
+from analoglock.patching.attribution import agreement, agreement_bootstrap, attribution_effects
 from analoglock.patching.exact import Effects, clean_runs, exact_effects, position_effects
 from analoglock.patching.graph import (
     Thresholds,
+    beats_control,
     build_graph,
+    control_contrast,
     node_activations,
     promoted_tokens,
     threshold_study,
@@ -76,11 +79,14 @@ __all__ = [
     "Thresholds",
     "TokenLogits",
     "agreement",
+    "agreement_bootstrap",
     "all_routes",
     "attribution_effects",
+    "beats_control",
     "build_graph",
     "build_prompts",
     "clean_runs",
+    "control_contrast",
     "exact_effects",
     "make_intervention",
     "node_activations",

@@ -12,7 +12,8 @@ exact to first order in the delta: A = lim_{alpha -> 0} E(alpha) / alpha for par
 Cost: one forward per prompt, then one vector-Jacobian product per downstream code (batched with
 `torch.autograd.grad(..., is_grads_batched=True)`, i.e. vmap over grad outputs) -- all upstream
 features come from the same gradients. Exact costs one forward per upstream feature instead.
-`agreement` compares the two (Spearman over all pairs, top-k overlap, sign agreement).
+`agreement` compares the two (Spearman over all pairs, top-k overlap, sign agreement);
+`agreement_bootstrap` adds percentile intervals over upstream features (rows of the matrices).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,7 @@ from analoglock.patching.exact import (
 )
 from analoglock.patching.interventions import random_directions
 from analoglock.patching.segment import CleanRun, PatchSetupError, Segment
+from analoglock.stats import bootstrap_indices, percentile_interval
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,16 @@ def attribution_effects(
     )
 
 
+def _top(x: Tensor, k: int) -> Tensor:
+    """Indices of the k largest entries, ties broken by position (a stable sort, unlike topk).
+
+    So equal values rank the same way in both matrices: in a bootstrap resample a duplicated
+    upstream row is duplicated in exact and approx alike, and its copies enter both top-k sets
+    first copy first, which makes the overlap the multiset overlap of pairs.
+    """
+    return torch.sort(x, descending=True, stable=True).indices[:k]
+
+
 def agreement(
     exact: Annotated[Tensor, "n_up n_down"] | Effects,
     approx: Annotated[Tensor, "n_up n_down"] | Effects,
@@ -128,8 +140,7 @@ def agreement(
     if e.shape != a.shape:
         raise ValueError(f"Effect matrices differ in shape: {tuple(e.shape)} vs {tuple(a.shape)}")
     k = max(1, min(int(k), len(e)))
-    top_e = e.abs().topk(k).indices
-    top_a = a.abs().topk(k).indices
+    top_e, top_a = _top(e.abs(), k), _top(a.abs(), k)
     nonzero = e != 0
     both = len(e) > 1 and float(e.std()) > 0 and float(a.std()) > 0
     top_ok = k > 1 and float(e[top_e].std()) > 0 and float(a[top_e].std()) > 0
@@ -146,4 +157,65 @@ def agreement(
         "sign_agreement_topk": float(
             (torch.sign(a[top_e]) == torch.sign(e[top_e])).double().mean()
         ),
+    }
+
+
+AGREEMENT_STATS = (
+    "spearman",
+    "pearson",
+    "spearman_topk",
+    "topk_overlap",
+    "sign_agreement",
+    "sign_agreement_topk",
+)
+
+
+def agreement_bootstrap(
+    exact: Annotated[Tensor, "n_up n_down"] | Effects,
+    approx: Annotated[Tensor, "n_up n_down"] | Effects,
+    k: int = 200,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """`agreement(exact, approx, k)` with percentile bootstrap intervals over upstream features.
+
+    The items are the upstream features (rows): each is its own intervention, independent of the
+    others, while the downstream codes of one row come from the same rerun and are not. A
+    resample draws n_up rows with replacement (`stats.bootstrap_indices`, seeded: the same seed
+    and n_up give the same resamples, so two comparisons over the same rows are paired) and
+    recomputes every statistic on the resampled [n_up, n_down] matrices.
+
+    Top-k on a resample: recomputed with the same k. A resample has exactly as many pairs as the
+    data (n_up rows of n_down), so "k scaled to the resample's size" is this same k. The other
+    option, keeping the original top-k pairs fixed, is not well defined: a resample may lack
+    some of those pairs or hold them twice. Duplicated rows enter both top-k sets the same way
+    (`_top` breaks ties by position), so the overlap counts each copy at most once on each side.
+
+    Returns {"point": agreement(...), "ci": {stat: [lo, hi]}, "replicates": {stat: [n_boot]}
+    (NaN where undefined on a resample, dropped from the interval), "n_upstream", "n_downstream",
+    "n_boot", "seed", "level"}.
+    """
+    e = exact.effect if isinstance(exact, Effects) else exact
+    a = approx.effect if isinstance(approx, Effects) else approx
+    if e.shape != a.shape or e.ndim != 2:
+        raise ValueError(
+            f"Need two [n_up, n_down] matrices of one shape, got {tuple(e.shape)} and {tuple(a.shape)}"
+        )
+    e, a = e.detach().double(), a.detach().double()
+    point = agreement(e, a, k)
+    reps = {s: torch.empty(int(n_boot), dtype=torch.float64) for s in AGREEMENT_STATS}
+    for b, rows in enumerate(bootstrap_indices(len(e), n_boot, seed)):
+        one = agreement(e[rows], a[rows], k)
+        for s in AGREEMENT_STATS:
+            reps[s][b] = one[s]
+    return {
+        "point": point,
+        "ci": {s: list(percentile_interval(r, level)) for s, r in reps.items()},
+        "replicates": reps,
+        "n_upstream": int(e.shape[0]),
+        "n_downstream": int(e.shape[1]),
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+        "level": float(level),
     }

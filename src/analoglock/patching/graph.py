@@ -4,7 +4,8 @@ Owns turning `Effects` into `graph.json`: one node per feature at either end of 
 ({id, side, layer, hook, basis, feature, tokens, suppressed, label, activation, importance}) and
 one edge per kept pair ({source, target, effect, control, attribution, attribution_control,
 beats_control: |effect| above its own control and the controls' 95th percentile, p_control: the
-empirical p of |effect| against every pair's control pooled}); pruning by
+empirical p of |effect| against every pair's control pooled; `beats_control`,
+`control_contrast` for the paired per-feature comparison); pruning by
 node importance (mean |code| on the prompt set, or total |effect|) as quantile thresholds plus
 the strongest `edges`; and the threshold study that says what pruning costs. Knows nothing of how effects were computed beyond the `Effects` it is given.
 """
@@ -22,13 +23,61 @@ from torch import Tensor
 from torchmetrics.functional import spearman_corrcoef
 
 from analoglock.patching.exact import Effects
-from analoglock.stats import empirical_p
+from analoglock.stats import bootstrap_mean, empirical_p
 
 log = logging.getLogger(__name__)
 
 # An edge "beats control" when |effect| exceeds both its own control (the same intervention along
 # an equal-norm random direction) and this quantile of |control| over all pairs (the noise floor).
 CONTROL_QUANTILE = 0.95
+
+
+def control_floor(control: Tensor) -> float:
+    """The noise floor edges must clear: the CONTROL_QUANTILE of |control| over all pairs."""
+    return float(torch.quantile(control.abs().flatten().double(), CONTROL_QUANTILE))
+
+
+def beats_control(effect: Tensor, control: Tensor) -> Tensor:
+    """Bool [n_up, n_down]: |effect| above its own |control| and above `control_floor(control)`."""
+    floor = torch.tensor(control_floor(control), dtype=torch.float64)
+    return effect.abs().double() > torch.maximum(control.abs().double(), floor)
+
+
+def control_contrast(
+    effect: Annotated[Tensor, "n_up n_down"],
+    control: Annotated[Tensor, "n_up n_down"],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Each upstream feature's effect against its own random-direction control, paired.
+
+    Per upstream feature i (the items: independent interventions), the paired difference
+    mean_j |effect[i, j]| - mean_j |control[i, j]| (the same ablation, along an equal-norm random
+    direction), its mean over features and `stats.bootstrap_mean` interval; how many features
+    have a positive difference; and how many pairs (edges) pass `beats_control`, the rule
+    graph.json's edges use.
+    """
+    if effect.shape != control.shape or effect.ndim != 2:
+        raise ValueError(
+            f"Need effect and control of one [n_up, n_down] shape, got {tuple(effect.shape)} "
+            f"and {tuple(control.shape)}"
+        )
+    diff = effect.abs().double().mean(1) - control.abs().double().mean(1)
+    mean, lo, hi = bootstrap_mean(diff, n_boot=n_boot, seed=seed, level=level)
+    return {
+        "n_upstream": int(effect.shape[0]),
+        "n_downstream": int(effect.shape[1]),
+        "effect_minus_control_mean": mean,
+        "effect_minus_control_ci": [lo, hi],
+        "n_upstream_effect_above_control": int((diff > 0).sum()),
+        "n_edges": int(effect.numel()),
+        "n_edges_beating_control": int(beats_control(effect, control).sum()),
+        "control_floor": control_floor(control),
+        "n_boot": int(n_boot),
+        "seed": int(seed),
+        "level": float(level),
+    }
 
 
 @dataclass(frozen=True)
@@ -211,11 +260,8 @@ def build_graph(
     used_up = sorted({i for i, _ in edges})  # the graph's nodes are the edges' ends
     used_down = sorted({j for _, j in edges})
     controls = main.control
-    floor = (
-        float(torch.quantile(controls.abs().flatten().double(), CONTROL_QUANTILE))
-        if controls is not None
-        else None
-    )
+    floor = control_floor(controls) if controls is not None else None
+    beats = beats_control(e, controls) if controls is not None else None
     null = controls.abs().flatten().double() if controls is not None else None
     nodes = []
     for side, basis, ids, rows, act, imp, bdir in (
@@ -270,7 +316,7 @@ def build_graph(
                     float(eff.control[i, j]), 7
                 )
         if floor is not None:
-            rec["beats_control"] = abs(float(e[i, j])) > max(floor, abs(float(controls[i, j])))
+            rec["beats_control"] = bool(beats[i, j])
             rec["p_control"] = round(empirical_p(abs(float(e[i, j])), null), 6)
         edge_records.append(rec)
     return {
