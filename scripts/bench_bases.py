@@ -22,6 +22,14 @@ ours are a row store of a TransformerBridge harvest; it would then hand the rows
 
     python scripts/bench_bases.py [runs/harvest/fable_work-all] [--splice] [--sae-tokens 200000]
     python scripts/bench_bases.py /tmp/h --model PATH --hook blocks.1.hook_resid_post --docs 20  # a toy run
+
+Every held-out number comes with a 95% bootstrap interval over held-out documents (`_ci95`;
+`heldout/bootstrap` gives n_boot, the seed and the documents behind each). --compare DIR_A DIR_B
+runs nothing else: for two `analoglock-fit-basis` out_dirs fit on the same harvest and split, it
+prints A minus B for each held-out number both hold, with a paired bootstrap interval over the
+documents both were measured on (`bases.fit.paired_difference`).
+
+    python scripts/bench_bases.py --compare runs/bases/pca-64 runs/bases/sae [--compare-key fvu]
 """
 
 from __future__ import annotations
@@ -40,9 +48,16 @@ from typing import Any
 import torch
 
 from analoglock.activations import ActivationStore, harvest_to_disk
+from analoglock.atomic import finite
 from analoglock.bases import load_basis
-from analoglock.bases.fit import fit_basis_on_store, fit_documents, resolve_split
-from analoglock.bases.quality import splice_quality
+from analoglock.bases.fit import (
+    comparable_keys,
+    fit_basis_on_store,
+    fit_documents,
+    paired_difference,
+    resolve_split,
+)
+from analoglock.bases.quality import heldout_intervals, splice_quality_per_doc
 from analoglock.bases.sae_train import (
     RowBatches,
     SAETrainConfig,
@@ -89,19 +104,24 @@ def fit_all(args, model) -> dict[str, Any]:
                                    basis_kwargs=sae_opts if kind == "sae" else None)  # fmt: skip
             row = {"n_features": width, "fit_s": round(time.perf_counter() - t0, 2)}
             row.update(
-                {k: v for k, v in m.items() if k.startswith("heldout/") and not isinstance(v, list)}
+                {
+                    k: v
+                    for k, v in m.items()
+                    if k.startswith("heldout/") and (k.endswith("_ci95") or not isinstance(v, list))
+                }
             )
             if kind == "sae":
                 row["training"] = m["sae_training"]
             if model is not None and kind != "cca":  # CCA reconstructs per domain, not one stream
                 basis = load_basis(Path(tmp) / kind)
                 docs = held_docs[: args.splice_docs]
-                row.update(
-                    {
-                        f"heldout/{k}": v
-                        for k, v in splice_quality(model, docs, hook, basis.forward, mean).items()
-                    }
-                )
+                summary, ce = splice_quality_per_doc(model, docs, hook, basis.forward, mean)
+                row.update({f"heldout/{k}": v for k, v in summary.items()})
+                boot = row.get("heldout/bootstrap")
+                for k, v in heldout_intervals({"ce": ce}).items():
+                    if k == "bootstrap" and boot is not None:  # fvu's, from the fit: add ce's
+                        v = {**v, "n_docs": {**boot["n_docs"], **v["n_docs"]}}
+                    row[f"heldout/{k}"] = v
             out[kind] = row
             print(f"[bench] {kind}: {json.dumps(row)}", file=sys.stderr, flush=True)
     return out
@@ -168,6 +188,19 @@ def speed(args) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def compare(args) -> dict[str, Any]:
+    """A minus B for each held-out number both fits hold (or --compare-key), paired over documents."""
+    a, b = args.compare
+    keys = args.compare_key or comparable_keys(a, b)
+    if not keys:
+        raise SystemExit(f"{a} and {b} hold no held-out number in common to compare")
+    return {
+        "a": a,
+        "b": b,
+        "differences": {k: paired_difference(a, b, k, n_boot=args.n_boot) for k in keys},
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("acts", nargs="?", default="runs/harvest/fable_work-all")
@@ -185,8 +218,16 @@ def main() -> None:
     p.add_argument("--model", default="smollm2", help="for a harvest made here")
     p.add_argument("--hook", default="blocks.15.hook_resid_post", help="for a harvest made here")
     p.add_argument("--docs", type=int, default=None, help="stories in a harvest made here")
+    p.add_argument("--compare", nargs=2, metavar=("DIR_A", "DIR_B"),
+                   help="only compare two fit-basis out_dirs, paired over held-out documents")  # fmt: skip
+    p.add_argument("--compare-key", action="append", help="fvu, ce_increase, ce_recovered, "
+                   "ce_recovered_vs_mean (repeatable; default: every one both hold)")  # fmt: skip
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for --compare")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.compare:
+        print(json.dumps(finite(compare(args)), indent=1, allow_nan=False))  # NaN -> null
+        return
     ensure_harvest(args)
     model = None
     if args.splice:

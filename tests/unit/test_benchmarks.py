@@ -49,9 +49,34 @@ def test_bench_bases(tiny_dir, tmp_path):
     ce = ("heldout/ce_increase", "heldout/ce_recovered", "heldout/ce_recovered_vs_mean", "heldout/mean_ablation_ce")  # fmt: skip
     for kind in ("svd", "pca", "nmf", "sae"):
         assert {"fit_s", "heldout/fvu", "heldout/l0", *ce} <= set(out["bases"][kind])
+        row = out["bases"][kind]  # intervals over held-out documents, and how many
+        for key in ("fvu", "ce_increase", "ce_recovered", "ce_recovered_vs_mean"):
+            lo, hi = row[f"heldout/{key}_ci95"]  # containment: bases/test_fit.py (on the tiny
+            assert lo <= hi, (kind, key)  # model CE moves ~1e-3 nats: float32 rounding shows)
+        assert row["heldout/bootstrap"]["n_docs"]["ce_increase"] == 2
+        assert row["heldout/bootstrap"]["n_docs"]["fvu"] >= 2
     assert set(out["bases"]["cca"]["heldout/by_view"]) == {"story", "roles"}
     speed = out["sae_training_speed"]
     assert {"ours_tokens_per_s", "saelens_trainer_tokens_per_s", "cost_ratio_ours_over_saelens"} <= set(speed)  # fmt: skip
+
+
+def test_bench_bases_compare(tiny_model, tmp_path):
+    """--compare: A minus B per held-out number both fits hold, paired over their documents."""
+    from analoglock.activations import harvest_to_disk
+    from analoglock.bases.fit import fit_basis_on_store
+    from tests.helpers import shipped_docs
+
+    hook = "blocks.1.hook_resid_post"
+    harvest_to_disk(tiny_model, shipped_docs(n=10), [hook], tmp_path / "h", progress=False)
+    ma = fit_basis_on_store(tmp_path / "h", "pca", 8, tmp_path / "a")
+    mb = fit_basis_on_store(tmp_path / "h", "svd", 2, tmp_path / "b")
+    out = run_script("bench_bases.py", "--compare", str(tmp_path / "a"), str(tmp_path / "b"),
+                     "--n-boot", "200", cwd=tmp_path)  # fmt: skip
+    assert set(out["differences"]) == {"fvu"}  # no model: no spliced CE to compare
+    d = out["differences"]["fvu"]
+    assert d["n_docs"] == 2 and d["n_boot"] == 200 and d["key"] == "heldout/fvu"
+    assert abs(d["difference"] - (ma["heldout/fvu"] - mb["heldout/fvu"])) < 1e-9
+    assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] < 0  # 8 directions beat 2 on both
 
 
 def test_bench_patch(tiny_dir, tmp_path):

@@ -1,6 +1,8 @@
 """Fit a feature basis on a stored harvest and measure it: reconstruction on held-out documents,
 and the model's next-token loss with the reconstruction spliced in (CE increase in nats, CE
-recovered against zero- and mean-ablation).
+recovered against zero- and mean-ablation), each with a bootstrap interval over held-out documents;
+the per-document numbers behind them are saved, so two bases fit on the same harvest can be
+compared paired over the same documents (`paired_difference`).
 
 Owns which rows a basis is fit on. A harvest of a domain-pair dataset is fit on its train split
 only (`split="auto"`), so a basis under a lock never saw the lock's held-out stories; other
@@ -9,6 +11,7 @@ harvests hold out whole documents at random. Refuses an incomplete harvest unles
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,14 +21,27 @@ import torch
 from analoglock.activation_store import Activations, ActivationStore, HarvestError
 from analoglock.atomic import check_out_dir, write_json
 from analoglock.bases import basis_class, build_basis
-from analoglock.bases.quality import splice_quality
+from analoglock.bases.quality import (
+    BOOT_LEVEL,
+    BOOT_N,
+    BOOT_SEED,
+    HELDOUT_RATIOS,
+    fvu_per_doc,
+    heldout_intervals,
+    heldout_ratio,
+    ratio_draws,
+    splice_quality_per_doc,
+)
 from analoglock.model import model_info
+from analoglock.stats import bootstrap_indices, percentile_interval
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("auto", "train", "all")  # auto: train for a domain-pair harvest, else all
 TRAIN = "train"
 CCA_TOP = 10  # canonical pairs reported
+PER_DOC_FILE = "heldout_per_doc.json"  # beside metrics.json: the held-out numbers per document
+PER_DOC_VERSION = 1
 
 
 def split_documents(
@@ -199,12 +215,17 @@ def fit_basis_on_store(
     basis_kwargs: dict[str, Any] | None = None,
     split: str | None = "auto",
     allow_incomplete: bool = False,
+    n_boot: int = BOOT_N,
+    boot_seed: int = BOOT_SEED,
 ) -> dict[str, Any]:
     """Fit `kind` with `n_features` on a harvest, save it to `out_dir`, and return its metrics.
 
     `split`: "auto" (train for a domain-pair harvest, else all), "train" or "all" (documents
     held out at random, `holdout_fraction` of them). An incomplete harvest is refused unless
-    `allow_incomplete`.
+    `allow_incomplete`. Held-out FVU and the spliced CE numbers get `_ci95` intervals from
+    `n_boot` resamples of the held-out documents (seed `boot_seed`; `heldout/bootstrap` records
+    both and how many documents each number rests on); the per-document sums go to
+    `heldout_per_doc.json`.
     """
     store, hook = open_harvest(acts_dir, kind, out_dir, hook, allow_incomplete)
     acts = store.load([hook])
@@ -226,8 +247,13 @@ def fit_basis_on_store(
         basis.fit(x[train_rows])
         metrics = {}
     metrics.update({f"train/{k}": v for k, v in basis.quality(x[train_rows]).items()})
+    per_doc: dict[str, Any] = {}
     if held_rows.any():
-        metrics.update({f"heldout/{k}": v for k, v in basis.quality(x[held_rows]).items()})
+        held = x[held_rows]
+        metrics.update({f"heldout/{k}": v for k, v in basis.quality(held).items()})
+        with torch.no_grad():
+            ids = [d.id for d in acts.docs] if acts.docs else None
+            per_doc["fvu"] = fvu_per_doc(held, basis.forward(held), acts.doc[held_rows], ids)
     if model is not None and splice_docs > 0 and kind != "cca":
         if model_info(model).sha256 != store.meta["model"]["sha256"]:
             raise ValueError(
@@ -236,16 +262,114 @@ def fit_basis_on_store(
             )
         docs = [d for d, h in zip(acts.docs, held_docs.tolist(), strict=True) if h][:splice_docs]
         mean = x[train_rows & (acts.pos > 0)].double().mean(0)  # mean ablation: training tokens
-        metrics.update(
-            {
-                f"heldout/{k}": v
-                for k, v in splice_quality(model, docs, hook, basis.forward, mean=mean).items()
-            }
-        )
+        summary, per_doc["ce"] = splice_quality_per_doc(model, docs, hook, basis.forward, mean=mean)
+        metrics.update({f"heldout/{k}": v for k, v in summary.items()})
+    metrics.update({f"heldout/{k}": v for k, v in heldout_intervals(per_doc, n_boot, boot_seed).items()})  # fmt: skip
     metrics.update({"kind": kind, "hook": hook, "n_features": basis.n_features, "acts": str(acts_dir),
                     "split": split, "n_docs": {"fit": int(train_docs.sum()), "heldout": int(held_docs.sum())},
                     "n_rows": {"train": int(train_rows.sum()), "heldout": int(held_rows.sum())}})  # fmt: skip
     out = Path(out_dir)
     basis.save(out, model=store.meta["model"])
+    if per_doc:
+        provenance = {k: metrics[k] for k in ("kind", "hook", "n_features", "acts", "split")}
+        write_json(out / PER_DOC_FILE, {"version": PER_DOC_VERSION, **provenance, "seed": seed,
+                                        "holdout_fraction": holdout_fraction, **per_doc})  # fmt: skip
+    else:  # never leave an older fit's documents beside this fit's metrics
+        (out / PER_DOC_FILE).unlink(missing_ok=True)
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+# ---------------------------------------------------------------- comparing two fits, paired
+
+
+def read_per_doc(metrics_dir: str | Path) -> dict[str, Any]:
+    """The per-document held-out numbers `fit_basis_on_store` saved in `metrics_dir`."""
+    path = Path(metrics_dir) / PER_DOC_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{metrics_dir} has no {PER_DOC_FILE}: it is not the out_dir of a fit with held-out "
+            "documents, or was fit before per-document numbers were saved (fit it again)."
+        )
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _aligned_section(a_dir, b_dir, a: dict, b: dict, section: str) -> tuple[dict, dict]:
+    """Section `section` of both files, b's documents put in a's order; refuses other documents."""
+    for d, got in ((a_dir, a), (b_dir, b)):
+        if section not in got:
+            how = " and spliced CE (a model and splice_docs > 0)" if section == "ce" else ""
+            raise ValueError(f"{d} has no per-document {section!r} numbers: fit it with held-out documents{how}.")  # fmt: skip
+        ids = got[section]["doc_ids"]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{d}: document ids repeat in its {section!r} numbers; they cannot be paired.")  # fmt: skip
+    ids_a, ids_b = a[section]["doc_ids"], b[section]["doc_ids"]
+    if set(ids_a) != set(ids_b):
+        only_a, only_b = sorted(set(ids_a) - set(ids_b)), sorted(set(ids_b) - set(ids_a))
+        raise ValueError(
+            f"{a_dir} and {b_dir} measured {section!r} on different held-out documents "
+            f"({len(ids_a)} vs {len(ids_b)}; {len(only_a)} only in {a_dir}, e.g. {only_a[:3]}; "
+            f"{len(only_b)} only in {b_dir}, e.g. {only_b[:3]}): a paired comparison needs both fit "
+            "on the same harvest with the same split, holdout_fraction, seed and splice_docs."
+        )
+    where = {doc: i for i, doc in enumerate(ids_b)}
+    order = [where[doc] for doc in ids_a]
+    b_sec = {k: [v[i] for i in order] if isinstance(v, list) else v for k, v in b[section].items()}
+    count = "n_tokens" if section == "ce" else "n_rows"
+    if a[section].get(count) != b_sec.get(count):
+        raise ValueError(
+            f"{a_dir} and {b_dir} hold the same documents but different {count} per document: "
+            "they were measured on other tokens (another harvest, hook or max_length)."
+        )
+    return a[section], b_sec
+
+
+def paired_difference(
+    metrics_dir_a: str | Path,
+    metrics_dir_b: str | Path,
+    key: str,
+    n_boot: int = BOOT_N,
+    seed: int = BOOT_SEED,
+) -> dict[str, Any]:
+    """A held-out statistic of fit A minus that of fit B, with a paired bootstrap interval.
+
+    `key`: fvu, ce_increase, ce_recovered or ce_recovered_vs_mean ("heldout/" may prefix it).
+    Both fits must hold per-document numbers for the same documents (else a ValueError names both
+    directories); every draw resamples those documents once and recomputes both statistics on
+    that one resample, so the interval is of the difference on shared documents. Values are
+    recomputed from the per-document sums (float64), equal to metrics.json's to rounding.
+    """
+    key = key.removeprefix("heldout/")
+    if key not in HELDOUT_RATIOS:
+        raise KeyError(f"No per-document form of {key!r}; have {', '.join(HELDOUT_RATIOS)}")
+    section = HELDOUT_RATIOS[key][0]
+    a, b = read_per_doc(metrics_dir_a), read_per_doc(metrics_dir_b)
+    sec_a, sec_b = _aligned_section(metrics_dir_a, metrics_dir_b, a, b, section)
+    num_a, den_a = heldout_ratio({section: sec_a}, key)
+    num_b, den_b = heldout_ratio({section: sec_b}, key)
+    n = len(num_a)
+    value_a, value_b = float(num_a.sum() / den_a.sum()), float(num_b.sum() / den_b.sum())
+
+    def diff(idx: torch.Tensor) -> torch.Tensor:
+        return ratio_draws(num_a, den_a, idx) - ratio_draws(num_b, den_b, idx)
+
+    lo, hi = percentile_interval(diff(bootstrap_indices(n, n_boot, seed)), BOOT_LEVEL)
+    return {
+        "key": f"heldout/{key}",
+        "a": str(metrics_dir_a),
+        "b": str(metrics_dir_b),
+        "value_a": value_a,
+        "value_b": value_b,
+        "difference": value_a - value_b,  # a - b
+        "ci95": [lo, hi],
+        "n_docs": n,
+        "n_boot": n_boot,
+        "seed": seed,
+        "unit": "held-out document, one resample for both fits (paired)",
+    }
+
+
+def comparable_keys(metrics_dir_a: str | Path, metrics_dir_b: str | Path) -> list[str]:
+    """The statistics both fits hold per-document numbers for."""
+    a, b = read_per_doc(metrics_dir_a), read_per_doc(metrics_dir_b)
+    return [k for k, (sec, _, _) in HELDOUT_RATIOS.items() if sec in a and sec in b]

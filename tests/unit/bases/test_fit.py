@@ -140,3 +140,156 @@ def test_cli_refuses_before_loading_the_model(store_dir, tmp_path):
     overrides[:2] = [f"acts={tmp_path / 'none'}", f"out_dir={tmp_path / 'out'}"]
     with pytest.raises(FileNotFoundError, match="not a harvest directory"):
         main.__wrapped__(compose_cli("fit_basis", overrides))
+
+
+# --- intervals over held-out documents, and paired comparisons of two fits --------------------
+
+CE_RUNS = ("clean", "spliced", "zero_ablation", "mean_ablation")
+RATIOS = ("fvu", "ce_increase", "ce_recovered", "ce_recovered_vs_mean")
+
+
+@pytest.fixture(scope="module")
+def svd4(tiny_model, store_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("svd4")
+    return out, fit_basis_on_store(store_dir, "svd", 4, out, model=tiny_model, splice_docs=4)
+
+
+@pytest.fixture(scope="module")
+def pca64(tiny_model, store_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pca64")
+    return out, fit_basis_on_store(store_dir, "pca", 64, out, model=tiny_model, splice_docs=4)
+
+
+def _recovered_bound(ce: dict[str, float], d: dict[str, float], base: str) -> float:
+    """|error| of (B - S) / (B - C) when B, S, C are each off by at most d[...]."""
+    b, s, c = ce[base], ce["spliced"], ce["clean"]
+    return (d[base] + d["spliced"]) / abs(b - c) + abs(b - s) * (d[base] + d["clean"]) / (
+        b - c
+    ) ** 2
+
+
+def _from_sums(per: dict, m: dict, store_dir) -> dict[str, tuple[float, float]]:
+    """Per statistic: (its value from the per-document sums, a bound on its distance to the
+    metrics.json value that the arithmetic of the two computations allows)."""
+    from analoglock.bases.quality import heldout_ratio
+
+    def value(key: str) -> float:
+        num, den = heldout_ratio(per, key)
+        return float(num.sum() / den.sum())
+
+    # FVU: the same float32 reconstruction, float64 sums in another order; the metric's
+    # denominator is sum||x||^2 - n||mean||^2, off by <= ~n * eps * sum||x||^2 / sum||x - mean||^2
+    acts = ActivationStore(store_dir).load([HOOK])
+    held = torch.isin(acts.doc, torch.tensor(per["fvu"]["doc_index"]))
+    x = acts.acts[HOOK][held].double()
+    assert sum(per["fvu"]["n_rows"]) == len(x) == m["n_rows"]["heldout"]
+    cond = float(x.pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    fvu_tol = 4 * len(x) * torch.finfo(torch.float64).eps * cond * abs(m["heldout/fvu"])
+    # CE: metrics.json sums float32 NLLs (>= 0) per batch: off by <= n * 2^-24 of the sum
+    n = sum(per["ce"]["n_tokens"])
+    ce = {r: sum(per["ce"][f"{r}_nll_sum"]) / n for r in CE_RUNS}
+    d = {r: ce[r] * n * 2**-24 for r in CE_RUNS}
+    out = {f"{r}_ce": (ce[r], d[r]) for r in CE_RUNS}
+    out["fvu"] = (value("fvu"), fvu_tol)
+    out["ce_increase"] = (value("ce_increase"), d["spliced"] + d["clean"])
+    out["ce_recovered"] = (value("ce_recovered"), _recovered_bound(ce, d, "zero_ablation"))
+    out["ce_recovered_vs_mean"] = (
+        value("ce_recovered_vs_mean"),
+        _recovered_bound(ce, d, "mean_ablation"),
+    )
+    return out
+
+
+def test_per_document_sums_give_the_point_estimates(svd4, store_dir):
+    from analoglock.bases.fit import PER_DOC_FILE
+
+    out, m = svd4
+    per = json.loads((out / PER_DOC_FILE).read_text())
+    assert per["kind"] == "svd" and per["hook"] == HOOK and per["seed"] == 0
+    assert len(per["fvu"]["doc_ids"]) == m["n_docs"]["heldout"]
+    assert per["ce"]["doc_ids"] == per["fvu"]["doc_ids"][:4]  # the first 4 held-out documents
+    for key, (value, bound) in _from_sums(per, m, store_dir).items():
+        assert abs(value - m[f"heldout/{key}"]) <= bound, (key, value, m[f"heldout/{key}"], bound)
+
+
+def test_intervals_over_documents_hold_the_point_and_say_how_many(svd4, store_dir):
+    from analoglock.bases.fit import PER_DOC_FILE
+
+    out, m = svd4
+    sums = _from_sums(json.loads((out / PER_DOC_FILE).read_text()), m, store_dir)
+    for key in RATIOS:
+        lo, hi = m[f"heldout/{key}_ci95"]
+        value, bound = sums[key]  # the interval's own estimate, and metrics.json's within bound
+        assert lo <= value <= hi and hi - lo > 0, key
+        assert lo - bound <= m[f"heldout/{key}"] <= hi + bound, key
+    boot = m["heldout/bootstrap"]
+    assert boot["n_boot"] == 1000 and boot["seed"] == 0 and boot["level"] == 0.95
+    assert boot["n_docs"] == {"fvu": m["n_docs"]["heldout"], **dict.fromkeys(RATIOS[1:], 4)}
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["heldout/fvu_ci95"] == m["heldout/fvu_ci95"] and saved["heldout/bootstrap"] == boot
+
+
+def test_a_fit_paired_with_itself_differs_by_exactly_zero(svd4, tmp_path):
+    import shutil
+
+    from analoglock.bases.fit import PER_DOC_FILE, comparable_keys, paired_difference
+
+    out, m = svd4
+    assert comparable_keys(out, out) == list(RATIOS)
+    # the same numbers with the documents listed in another order: pairing is by document id
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(out, shuffled)
+    per = json.loads((shuffled / PER_DOC_FILE).read_text())
+    for section in ("fvu", "ce"):
+        n = len(per[section]["doc_ids"])
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(1)).tolist()
+        assert order != list(range(n))
+        per[section] = {k: [v[i] for i in order] if isinstance(v, list) else v for k, v in per[section].items()}  # fmt: skip
+    (shuffled / PER_DOC_FILE).write_text(json.dumps(per))
+    for other in (out, shuffled):
+        for key in RATIOS:
+            r = paired_difference(out, other, key)
+            assert r["difference"] == 0.0 and r["ci95"] == [0.0, 0.0], (other, key)
+            assert r["n_docs"] == (m["n_docs"]["heldout"] if key == "fvu" else 4)
+            assert (
+                r["value_a"] == r["value_b"]
+            )  # vs metrics.json: see test_per_document_sums_give_the_point_estimates
+
+
+def test_paired_difference_of_two_bases(svd4, pca64):
+    from analoglock.bases.fit import paired_difference
+
+    (a, ma), (b, mb) = svd4, pca64
+    r = paired_difference(a, b, "heldout/fvu")
+    assert r["difference"] == pytest.approx(ma["heldout/fvu"] - mb["heldout/fvu"], rel=1e-9)
+    assert 0 < r["ci95"][0] < r["difference"] < r["ci95"][1]  # full-rank PCA loses nothing
+    assert r["key"] == "heldout/fvu" and r["a"] == str(a) and r["b"] == str(b)
+    r = paired_difference(a, b, "ce_increase", n_boot=200, seed=1)
+    assert r["ci95"][0] < r["difference"] < r["ci95"][1] and r["n_boot"] == 200
+    flipped = paired_difference(b, a, "ce_increase", n_boot=200, seed=1)
+    assert flipped["difference"] == -r["difference"]
+    assert flipped["ci95"] == pytest.approx([-r["ci95"][1], -r["ci95"][0]], abs=1e-12)
+
+
+def test_paired_difference_refuses_other_documents(tiny_model, store_dir, svd4, tmp_path):
+    import re
+
+    from analoglock.bases.fit import paired_difference
+
+    a = svd4[0]
+    other_seed = tmp_path / "seed1"
+    fit_basis_on_store(store_dir, "pca", 4, other_seed, seed=1)  # other held-out documents
+    both = rf"{re.escape(str(a))} and {re.escape(str(other_seed))} measured 'fvu' on different held-out documents"  # fmt: skip
+    with pytest.raises(ValueError, match=both):
+        paired_difference(a, other_seed, "fvu")
+    with pytest.raises(ValueError, match=r"no per-document 'ce' numbers"):
+        paired_difference(a, other_seed, "ce_increase")  # fit without a model: no spliced CE
+    fewer = tmp_path / "fewer"
+    fit_basis_on_store(store_dir, "pca", 4, fewer, model=tiny_model, splice_docs=2)
+    assert paired_difference(a, fewer, "fvu")["n_docs"] > 4  # same split: FVU pairs
+    with pytest.raises(ValueError, match=r"'ce' on different held-out documents \(4 vs 2"):
+        paired_difference(a, fewer, "ce_recovered")
+    with pytest.raises(FileNotFoundError, match="heldout_per_doc.json"):
+        paired_difference(a, tmp_path, "fvu")
+    with pytest.raises(KeyError, match="ce_increase"):
+        paired_difference(a, a, "l0")
