@@ -94,12 +94,8 @@ def bootstrap_mean(
     x = x[~torch.isnan(x)]
     if len(x) == 0:
         return float("nan"), float("nan"), float("nan")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(x), (n_boot, len(x)), generator=gen)
-    means = x[idx].mean(1)
-    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
-    lo, hi = torch.quantile(means, q).tolist()
-    return float(x.mean()), float(lo), float(hi)
+    lo, hi = percentile_interval(x[bootstrap_indices(len(x), n_boot, seed)].mean(1), level)
+    return float(x.mean()), lo, hi
 
 
 def empirical_p(observed: float | Tensor, null: Tensor, greater: bool = True) -> float | Tensor:
