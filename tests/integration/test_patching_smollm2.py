@@ -45,7 +45,8 @@ def test_rerun_equals_full_forward_and_attribution_is_first_order(smollm2):
 
 
 def test_matches_transformer_lens_resid_pre_patching(smollm2):
-    from transformer_lens.patching import get_act_patch_resid_pre
+    import pandas as pd
+    from transformer_lens.patching import generic_activation_patch, layer_pos_patch_setter
 
     clean_docs = [Document("c", "The lion and the")]
     corrupt_docs = [Document("x", "The tiger and the")]
@@ -56,15 +57,22 @@ def test_matches_transformer_lens_resid_pre_patching(smollm2):
     def metric(logits):
         return (logits[:, -1, lion] - logits[:, -1, tiger]).mean()
 
+    # TransformerLens's own resid_pre patching (get_act_patch_resid_pre restricted through its
+    # index_df) at the first, a middle and the last block: every position of each. Three layers
+    # cover the three kinds of segment (from the embedding, mid-stack, one block to the unembed).
+    layers, n_pos = [0, smollm2.cfg.n_layers // 2, smollm2.cfg.n_layers - 1], corrupted.shape[1]
+    index = pd.DataFrame([(lay, pos) for lay in layers for pos in range(n_pos)], columns=["layer", "pos"])  # fmt: skip
     _, cache = smollm2.run_with_cache(clean)
-    theirs = get_act_patch_resid_pre(smollm2, corrupted, cache, metric)
+    theirs = generic_activation_patch(
+        smollm2, corrupted, cache, metric, layer_pos_patch_setter, "resid_pre", index_df=index
+    ).reshape(len(layers), n_pos)
     unpatched = metric(smollm2(corrupted))
     V = TokenLogits(smollm2, [lion, tiger])
     ours = torch.zeros_like(theirs)
-    for layer in range(smollm2.cfg.n_layers):
+    for i, layer in enumerate(layers):
         seg = Segment(smollm2, f"blocks.{layer}.hook_resid_pre", V.hook)
         runs = clean_runs(seg, prompts, progress=False)
         e = position_effects(seg, runs, IdentityBasis(smollm2.cfg.d_model, hook=seg.h1.name), V, Patch())  # fmt: skip
-        ours[layer] = e[:, 0] - e[:, 1] + unpatched
+        ours[i] = e[:, 0] - e[:, 1] + unpatched
     torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-3)
     assert (theirs - unpatched).abs().max() > 0.2  # the patch moves the metric: not 0 == 0

@@ -38,6 +38,13 @@ def unit_mean(emb: Annotated[Tensor, "n d_embed"]) -> Annotated[Tensor, "d_embed
     return torch.nn.functional.normalize(emb.float().mean(0), dim=0)
 
 
+def centroid(judge: Judge, texts: Sequence[str]) -> Annotated[Tensor, "d_embed"]:
+    """The unit-norm mean embedding of `texts`, through the judge's own cache when it keeps one:
+    the reference centroids (hundreds of stories) are the same for every split a run steers."""
+    cached = getattr(judge, "centroid", None)
+    return cached(texts) if callable(cached) else unit_mean(judge.embed(list(texts)))
+
+
 class JudgeNotFoundError(ImportError):
     """The sentence-encoder package (or its model folder) is not installed."""
 

@@ -159,12 +159,12 @@ def _readout(contrast: Contrast, probe, probe_hook, opts: ContrastOptions, judge
             from analoglock.lock.judge import load_judge
 
             judge = load_judge()
-        from analoglock.lock.judge import unit_mean
+        from analoglock.lock.judge import centroid
 
         train = contrast.indices("train")
         readout.judge = judge
-        readout.neg_centroid = unit_mean(judge.embed([contrast.neg_texts[i] for i in train]))
-        readout.pos_centroid = unit_mean(judge.embed([contrast.pos_texts[i] for i in train]))
+        readout.neg_centroid = centroid(judge, [contrast.neg_texts[i] for i in train])
+        readout.pos_centroid = centroid(judge, [contrast.pos_texts[i] for i in train])
     return readout
 
 

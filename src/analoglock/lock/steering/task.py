@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from analoglock.data.loaders import SPLITS, load_pairs
-from analoglock.lock.judge import Judge, unit_mean
+from analoglock.lock.judge import Judge, centroid
 from analoglock.lock.steering.hooks import RowPositions, SteeringError, check_positions
 from analoglock.lock.steering.measures import chance_mrr
 from analoglock.lock.steering.prompts import (
@@ -206,8 +206,8 @@ def build_task(
         items=items,
         item_positions=item_positions,
         neutral=neutral,
-        a_centroid=unit_mean(judge.embed([p.a for p in refs])),
-        b_centroid=unit_mean(judge.embed([p.b for p in refs])),
+        a_centroid=centroid(judge, [p.a for p in refs]),
+        b_centroid=centroid(judge, [p.b for p in refs]),
         candidates=judge.embed([p.b for p in pairs]) if prompts is None else torch.zeros(0, 1),
     )
 
