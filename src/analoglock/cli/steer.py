@@ -72,6 +72,7 @@ def options(cfg: DictConfig):
         truncate=bool(cfg.truncate),
         n_boot=int(cfg.n_boot),
         progress=bool(cfg.progress),
+        ask=None if cfg.get("ask") is None else str(cfg.ask),
     )
 
 
@@ -197,6 +198,7 @@ def print_report(report: dict[str, Any], n_show: int = 8) -> None:
             ("unsteered", "unsteered"),
             ("lock", "lock"),
             ("meandiff", "mean diff"),
+            ("asked", "asked"),
             ("analogue", "analogue"),
         ):
             if g.get(key) is not None:

@@ -28,6 +28,7 @@ ARM_COLOURS = {
     "meandiff_best": "#17becf",
     "meandiff_norm": "#bcbd22",
     "random": "#9467bd",
+    "asked": "#8c564b",
 }
 ARM_LABELS = {
     "unsteered": "unsteered",
@@ -37,6 +38,7 @@ ARM_LABELS = {
     "meandiff_best": "mean difference (best on validation)",
     "meandiff_norm": "mean difference (lock's norm)",
     "random": "random directions (covariance)",
+    "asked": "asked to retell (no steering)",
 }
 POSITION_DASH = {"roles": "solid", "prompt": "dash", "new": "dot", "all": "dashdot"}
 PANELS = {  # measure: (title, reference line, what the line is)
@@ -262,7 +264,9 @@ def numbers_table(report: Mapping[str, Any]) -> str:
     return out
 
 
-GENERATION_COLUMNS = ("id", "prompt", "unsteered", "lock", "meandiff", "control_map", "analogue")
+GENERATION_COLUMNS = (
+    "id", "prompt", "unsteered", "lock", "meandiff", "control_map", "asked", "analogue"
+)  # fmt: skip
 
 
 def generations_table(report: Mapping[str, Any]) -> str:

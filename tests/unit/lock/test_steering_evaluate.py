@@ -25,6 +25,7 @@ from analoglock.lock.steering import (
     summarize,
 )
 from analoglock.lock.steering.arms import fluency_matched
+from analoglock.lock.steering.prompts import ASK, StoryPrompt, asked_prompts, resolve_ask
 from analoglock.model import model_info
 from tests.helpers import FakeJudge
 
@@ -92,7 +93,7 @@ def test_report_is_strict_json_with_every_arm_and_measure(report):
     assert json.loads(text) == report
     arms = report["test"]["summary"]["arms"]
     assert set(arms) == {
-        "unsteered", "lock", "control_map", "meandiff", "meandiff_best", "meandiff_norm"
+        "unsteered", "lock", "control_map", "meandiff", "meandiff_best", "meandiff_norm", "asked"
     }  # fmt: skip
     for cells in arms.values():
         assert set(cells) == set(MEASURES)
@@ -106,6 +107,45 @@ def test_report_is_strict_json_with_every_arm_and_measure(report):
     assert len(test["random"]["values"]["role_mrr"]) == 3
     paired = report["test"]["summary"]["paired"]
     assert set(paired) == {f"{a}_vs_meandiff" for a in arms if a != "meandiff"}
+
+
+def test_asked_arm_is_the_unsteered_model_given_the_datasets_instruction(report):
+    """The reference arm: each test opening inside fable_work's shipped instruction, in the chat
+    template, no steering; its role transfer is not measured (NaN -> null), everything else is."""
+    spec = report["test"]["arms"]["asked"]
+    assert spec == {"reference": "asked", "instruction": ASK["fable_work"]}
+    asked = report["per_prompt"]["asked"]
+    assert all(r is None for r in asked["role_rank"])
+    assert len(asked["texts"]) == 4 and all(a is not None for a in asked["analogue_rank"])
+    cells = report["test"]["summary"]["arms"]["asked"]
+    assert cells["role_mrr"]["value"] is None and cells["analogue_mrr"]["value"] is not None
+    assert cells["neutral_kl"]["value"] == 0.0  # nothing is steered
+    gens = report["generations"]
+    assert all("asked" in g for g in gens)
+    # Instruction-following changes what is written: not the unsteered continuation.
+    assert [g["asked"] for g in gens] != [g["unsteered"] for g in gens]
+
+
+def test_asked_prompts_wrap_each_opening_in_the_instruction(tiny_model):
+    prompts = [StoryPrompt("p0", "Once upon a time, a fox saw grapes.", ("fox",), "An analyst.", 0)]
+    (p,) = asked_prompts(tiny_model, prompts, "Retell: {prompt}")
+    assert "Retell: Once upon a time, a fox saw grapes." in p.text
+    assert p.text != "Retell: Once upon a time, a fox saw grapes."  # inside the chat template
+    assert (p.id, p.roles, p.analogue, p.index) == ("p0", ("fox",), "An analyst.", 0)
+
+
+def test_resolve_ask(tiny_model):
+    assert resolve_ask("auto", "fable_work", tiny_model) == ASK["fable_work"]
+    assert resolve_ask("auto", "my_pairs.jsonl", tiny_model) is None  # no shipped instruction
+    assert resolve_ask(None, "fable_work", tiny_model) is None
+    assert resolve_ask("Say it at work: {prompt}", None, tiny_model) == "Say it at work: {prompt}"
+
+    class Base:  # a base model: no chat template, so it is not asked
+        tokenizer = type("T", (), {"chat_template": None})()
+
+    assert resolve_ask("auto", "fable_work", Base()) is None
+    with pytest.raises(SteeringError, match=r"\{prompt\}"):
+        SteerOptions(ask="Retell it at work.").check()
 
 
 def test_selection_uses_validation_and_its_constraints(report):

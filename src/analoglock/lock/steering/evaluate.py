@@ -31,6 +31,7 @@ from analoglock.lock.steering.hooks import (
     map_steering,
     vector_steering,
 )
+from analoglock.lock.steering.prompts import asked_prompts, check_prompt_lengths, resolve_ask
 from analoglock.lock.steering.summary import (
     MEASURES,
     ArmResult,
@@ -115,8 +116,13 @@ def evaluate_test(
     choice: Mapping[str, Any],
     opts: SteerOptions,
     hook: str,
+    ask: str | None = None,
 ) -> tuple[dict[str, ArmResult], list[ArmResult]]:
-    """The chosen arms once on `task`, and the random directions: ({name: result}, randoms)."""
+    """The chosen arms once on `task`, and the random directions: ({name: result}, randoms).
+
+    `ask` (an instruction with "{prompt}"): also the "asked" reference arm, unsteered, with each
+    opening inside the instruction (`prompts.asked_prompts`); its role transfer is not measured
+    (the teacher-forced fable prefixes carry no instruction), so its role ranks are NaN."""
     kw = dict(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size)
     lock = choice["lock"]
     alpha, positions = float(lock["alpha"]), lock["positions"]
@@ -148,6 +154,8 @@ def evaluate_test(
         results[name] = run_arm(model, task, s, judge, name, **kw)
         if key is not None:
             done[key] = results[name]
+    if ask is not None and task.candidates.shape[0] == len(task.prompts):
+        results["asked"] = _asked(model, task, judge, ask, opts)
     if opts.random_norm == "applied":
         norm = float(results["lock"].spec.get("applied_norm", norm))
     md_norm = float(meandiff.float().norm()) if meandiff is not None else 0.0
@@ -168,6 +176,23 @@ def evaluate_test(
         spec = {"random": kind, "index": k}
         randoms.append(run_arm(model, task, s, judge, f"random_{k:02d}", spec=spec, **kw))
     return results, randoms
+
+
+def _asked(model, task: SteeringTask, judge: Judge, ask: str, opts: SteerOptions) -> ArmResult:
+    """The asked reference arm: no steering; each opening inside the instruction `ask`."""
+    prompts = asked_prompts(model, task.prompts, ask)
+    texts = check_prompt_lengths(
+        model, [p.text for p in prompts], [p.id for p in prompts], opts.max_new_tokens,
+        opts.batch_size, opts.truncate,
+    )  # fmt: skip
+    prompts = [replace(p, text=t) for p, t in zip(prompts, texts, strict=True)]
+    asked = replace(task, prompts=prompts, role_positions=[()] * len(prompts))
+    spec = {"reference": "asked", "instruction": ask}
+    result = run_arm(
+        model, asked, None, judge, "asked", opts.max_new_tokens, opts.batch_size, spec=spec
+    )
+    result.role_rank = torch.full_like(result.role_rank, float("nan"))
+    return result
 
 
 def run_steering(
@@ -201,7 +226,8 @@ def run_steering(
     test = build_task(model, judge, dataset, opts.eval_split, opts, prompts=opts.prompts)
     rows, _ = sweep(model, artifact, val, judge, opts, hook)
     choice = choose(rows, opts)
-    results, randoms = evaluate_test(model, artifact, test, judge, choice, opts, hook)
+    ask = resolve_ask(opts.ask, dataset, model) if opts.prompts is None else None
+    results, randoms = evaluate_test(model, artifact, test, judge, choice, opts, hook, ask)
     summary = summarize(results, n_boot=opts.n_boot, seed=opts.seed)
     base = results["unsteered"]
     lock_values = arm_measures(results["lock"], base)
@@ -209,7 +235,7 @@ def run_steering(
     generations = []
     for i, p in enumerate(test.prompts):
         item = {"id": p.id, "prompt": p.text}
-        for name in ("unsteered", "lock", "meandiff", "control_map"):
+        for name in ("unsteered", "lock", "meandiff", "control_map", "asked"):
             if name in results:
                 item[name] = results[name].texts[i]
         item["random"] = randoms[0].texts[i]

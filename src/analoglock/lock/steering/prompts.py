@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from analoglock.data.loaders import StoryPair, find_word
+from analoglock.generation import chat_prompt
 from analoglock.tokens import (
     ContextLengthError,
     check_lengths,
@@ -42,6 +43,17 @@ NEUTRAL_PROMPTS = (
     "The concert was so loud that my ears rang afterwards.",
     "Remember to charge your phone before the long drive.",
 )
+
+# What a user would type to get the retelling without any steering: the "asked" reference arm.
+# One per shipped pair dataset ({prompt} is the story opening); other datasets give their own.
+ASK = {
+    "fable_work": "Retell this fable as a short story set in an office. Keep the same plot and "
+    "give each animal a workplace role that fits it. Fable: {prompt}",
+    "fable_sports": "Retell this fable as a short story about a sports team. Keep the same plot "
+    "and give each animal a role on the team that fits it. Fable: {prompt}",
+    "vacation_deadline": "Retell this vacation story as a story about a work deadline. Keep the "
+    "same plot and give each person a role at work that fits them. Story: {prompt}",
+}
 
 STORY_PREFIX = "Once upon a time, "
 # First words that read naturally in lower case after the prefix; anything else may be a name.
@@ -258,6 +270,40 @@ def read_prompts(spec: Any) -> list[str] | None:
     return prompts
 
 
+def resolve_ask(ask: str | None, dataset: str | None, model) -> str | None:
+    """The instruction of the "asked" reference arm, or None when there is none to run.
+
+    "auto": the shipped instruction of `dataset` (`ASK`) when the model has a chat template (a
+    base model is not asked: it was never taught to follow instructions); None: no asked arm;
+    any other string is the instruction itself and must contain `{prompt}`.
+    """
+    if ask is None:
+        return None
+    if ask != "auto":
+        return ask
+    if dataset not in ASK:
+        log.info("no shipped instruction for %r: the asked reference arm is left out", dataset)
+        return None
+    if not getattr(model.tokenizer, "chat_template", None):
+        log.warning("the model has no chat template: the asked reference arm is left out")
+        return None
+    return ASK[dataset]
+
+
+def asked_prompts(model, prompts: Sequence[StoryPrompt], instruction: str) -> list[StoryPrompt]:
+    """Each prompt inside `instruction` (its `{prompt}`), in the model's chat template."""
+    return [
+        StoryPrompt(
+            p.id,
+            chat_prompt(model, instruction.format(prompt=p.text)),
+            p.roles,
+            p.analogue,
+            p.index,
+        )
+        for p in prompts
+    ]
+
+
 def check_prompt_lengths(
     model,
     texts: Sequence[str],
@@ -314,6 +360,9 @@ def check_prompt_lengths(
 
 
 __all__ = [
+    "ASK",
+    "asked_prompts",
+    "resolve_ask",
     "NEUTRAL_PROMPTS",
     "STORY_PREFIX",
     "PromptError",

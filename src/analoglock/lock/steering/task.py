@@ -77,6 +77,11 @@ class SteerOptions:
     """Cut prompts that do not fit the context or memory budget instead of refusing them."""
     n_boot: int = 2000
     progress: bool = True
+    ask: str | None = "auto"
+    """The "asked" reference arm on the test openings: no steering, the opening inside an
+    instruction to retell it in domain B, in the model's chat template. What the model does when
+    simply asked. "auto": the dataset's shipped instruction (`prompts.ASK`) when the model has a
+    chat template; a string with "{prompt}": that instruction; None: left out."""
 
     def check(self) -> None:
         """Refuse bad options before any model work."""
@@ -102,6 +107,11 @@ class SteerOptions:
         if self.random_norm not in ("mean", "applied"):
             raise SteeringError(
                 f"random_norm must be 'mean' or 'applied', not {self.random_norm!r}"
+            )
+        if self.ask not in (None, "auto") and "{prompt}" not in str(self.ask):
+            raise SteeringError(
+                f"ask={self.ask!r} has no '{{prompt}}' where the story opening goes; give an "
+                "instruction containing {prompt}, 'auto' (the dataset's own) or null (no asked arm)."
             )
         if self.n_random < 1:
             raise SteeringError(
