@@ -142,3 +142,16 @@ def test_bench_lock(tiny_dir, tmp_path, monkeypatch):
     assert len(sel["table"]) == 2  # 2 layers x 1 map, scored on validation only
     assert all(0 <= row["val_top1_assign"] <= 1 for row in sel["table"])  # the analogy in a pair
     assert "top1_assign" in out["test_role_retrieval"]["0"]["learned"]
+
+
+def test_retell_by_prompting(tiny_dir, tmp_path):
+    """The prompting ceiling: unsteered, asked (the tiny model has a chat template) and few-shot."""
+    out = run_script("retell_by_prompting.py", "--model", tiny_dir, "--n", "3", "--shots", "1",
+                     "--max-new-tokens", "3", "--ref-split", "validation", "--threads", "1",
+                     cwd=tmp_path)  # fmt: skip
+    assert out["n_prompts"] == 3 and out["n_candidates"] == 3 and out["instruction"]
+    for arm in ("unsteered", "asked", "fewshot"):
+        assert 0 <= out[arm]["analogue_top1"] <= 1 and 1 / 3 <= out[arm]["analogue_mrr"] <= 1
+    for arm in ("asked", "fewshot"):
+        mean, lo, hi = out[arm]["analogue_mrr_minus_unsteered"]
+        assert lo <= mean <= hi
