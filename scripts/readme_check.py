@@ -12,6 +12,7 @@ slow command runs at a small size; `readme-check: skip` skips a line. `make test
     python scripts/readme_check.py --in-place         # this checkout (uses and writes its runs/)
     python scripts/readme_check.py --list             # print the steps, run nothing
     python scripts/readme_check.py --keep-going --timeout 3600
+    python scripts/readme_check.py --dir DIR --from 12   # rerun an earlier check's clone from step 12
 
 Exit status: 0 when every step passed, 1 otherwise. A fresh clone's `make run` creates the
 virtual environment (it needs the package index the Makefile installs from).
@@ -181,6 +182,14 @@ def main() -> int:
     ap.add_argument("--list", action="store_true", help="print the steps and exit")
     ap.add_argument("--keep-going", action="store_true", help="run the rest after a failure")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per step")
+    ap.add_argument(
+        "--from",
+        dest="start",
+        type=int,
+        default=1,
+        help="start at step N (with --in-place or --dir of an earlier check: after fixing step N, "
+        "rerun from it without redoing the steps before, whose outputs are already there)",
+    )
     args = ap.parse_args()
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -191,8 +200,15 @@ def main() -> int:
             print(f"{i:2d}. [{flag}] README.md:{step.line}: {step.to_run.splitlines()[0]}")
         return 0
 
+    if not 1 <= args.start <= len(todo):
+        ap.error(f"--from {args.start}: the README has steps 1-{len(todo)} (see --list)")
     if args.in_place:
         cwd = ROOT
+    elif args.start > 1:
+        if args.dir is None or not (args.dir / "README.md").exists():
+            ap.error("--from N > 1 needs --in-place or --dir of an earlier check's clone")
+        cwd = args.dir
+        print(f"resuming the check in {cwd} at step {args.start}")
     else:
         cwd = args.dir or Path(tempfile.mkdtemp(prefix="analoglock-readme-"))
         subprocess.run(["git", "clone", "-q", str(ROOT), str(cwd)], check=True)
@@ -203,8 +219,8 @@ def main() -> int:
     failed: list[int] = []
     for i, step in enumerate(todo, 1):
         head = f"{i:2d}. README.md:{step.line}: {step.to_run.splitlines()[0][:100]}"
-        if step.skip:
-            print(f"SKIP {head}", flush=True)
+        if step.skip or i < args.start:
+            print(f"SKIP {head}{'' if step.skip else ' (before --from)'}", flush=True)
             continue
         if failed and not args.keep_going:
             print(f"---- {head} (not run: an earlier step failed)", flush=True)

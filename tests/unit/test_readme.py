@@ -161,3 +161,18 @@ def test_trace_target_keeps_its_leading_space():
 def test_readme_check_reads_its_comments(line, expected):
     (step,) = readme_check.steps(f"```bash\n{line}\n```\n")
     assert (readme_check.strip_comment(step.text), step.check_args, step.skip) == expected
+
+
+def test_check_resumes_only_an_earlier_clone_and_from_a_real_step(tmp_path):
+    """--from N skips steps 1..N-1, so it must point at a clone an earlier check made."""
+    import subprocess
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        script = ROOT / "scripts" / "readme_check.py"
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+
+    n = len(readme_check.steps(README))
+    bad = run("--from", str(n + 1))
+    assert bad.returncode == 2 and f"steps 1-{n}" in bad.stderr
+    no_clone = run("--from", "2", "--dir", str(tmp_path / "nothing-here"))
+    assert no_clone.returncode == 2 and "earlier check's clone" in no_clone.stderr
