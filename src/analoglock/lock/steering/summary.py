@@ -118,8 +118,8 @@ def unit_values(arm: ArmResult, base: ArmResult, measure: str) -> tuple[Tensor, 
         return torch.where(torch.isnan(r), r, (r == 1).double()), None
     if measure == "analogue_mrr":
         return 1.0 / r, None
-    if measure == "role_top1":
-        return (rr == 1).double(), None
+    if measure == "role_top1":  # NaN stays NaN (an arm whose role transfer is not measured)
+        return torch.where(torch.isnan(rr), rr, (rr == 1).double()), None
     if measure == "role_mrr":
         return 1.0 / rr, None
     if measure == "fluency_ratio":
