@@ -30,6 +30,7 @@ from analoglock.bases.quality import (
     heldout_intervals,
     heldout_ratio,
     ratio_draws,
+    ratio_spec,
     splice_quality_per_doc,
 )
 from analoglock.model import model_info
@@ -340,9 +341,7 @@ def paired_difference(
     recomputed from the per-document sums (float64), equal to metrics.json's to rounding.
     """
     key = key.removeprefix("heldout/")
-    if key not in HELDOUT_RATIOS:
-        raise KeyError(f"No per-document form of {key!r}; have {', '.join(HELDOUT_RATIOS)}")
-    section = HELDOUT_RATIOS[key][0]
+    section = ratio_spec(key)[0]
     a, b = read_per_doc(metrics_dir_a), read_per_doc(metrics_dir_b)
     sec_a, sec_b = _aligned_section(metrics_dir_a, metrics_dir_b, a, b, section)
     num_a, den_a = heldout_ratio({section: sec_a}, key)

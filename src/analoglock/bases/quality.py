@@ -242,12 +242,17 @@ def _column(section: dict[str, list], expr: str) -> Tensor:
     return cols[0] if len(cols) == 1 else cols[0] - cols[1]
 
 
+def ratio_spec(key: str) -> tuple[str, str, str]:
+    """HELDOUT_RATIOS[key] (section, numerator, denominator), or a KeyError naming the valid keys."""
+    if key not in HELDOUT_RATIOS:
+        raise KeyError(f"No per-document form of {key!r}; have {', '.join(HELDOUT_RATIOS)}")
+    return HELDOUT_RATIOS[key]
+
+
 def heldout_ratio(per_doc: dict[str, dict[str, list]], key: str) -> tuple[Tensor, Tensor]:
     """(numerator, denominator) per document of a held-out statistic (a key of HELDOUT_RATIOS):
     the statistic over any set of documents is sum(numerator) / sum(denominator)."""
-    if key not in HELDOUT_RATIOS:
-        raise KeyError(f"No per-document form of {key!r}; have {', '.join(HELDOUT_RATIOS)}")
-    section, num, den = HELDOUT_RATIOS[key]
+    section, num, den = ratio_spec(key)
     return _column(per_doc[section], num), _column(per_doc[section], den)
 
 

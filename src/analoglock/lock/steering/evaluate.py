@@ -154,7 +154,7 @@ def evaluate_test(
         results[name] = run_arm(model, task, s, judge, name, **kw)
         if key is not None:
             done[key] = results[name]
-    if ask is not None and task.candidates.shape[0] == len(task.prompts):
+    if ask is not None:
         results["asked"] = _asked(model, task, judge, ask, opts)
     if opts.random_norm == "applied":
         norm = float(results["lock"].spec.get("applied_norm", norm))

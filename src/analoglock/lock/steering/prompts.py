@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -292,16 +292,7 @@ def resolve_ask(ask: str | None, dataset: str | None, model) -> str | None:
 
 def asked_prompts(model, prompts: Sequence[StoryPrompt], instruction: str) -> list[StoryPrompt]:
     """Each prompt inside `instruction` (its `{prompt}`), in the model's chat template."""
-    return [
-        StoryPrompt(
-            p.id,
-            chat_prompt(model, instruction.format(prompt=p.text)),
-            p.roles,
-            p.analogue,
-            p.index,
-        )
-        for p in prompts
-    ]
+    return [replace(p, text=chat_prompt(model, instruction.format(prompt=p.text))) for p in prompts]
 
 
 def check_prompt_lengths(
