@@ -5,6 +5,9 @@ Prints ONE JSON object:
   (hook points live, one no-op hook on `hook_embed` as the corpus attaches; `ExpandedKVCache`),
   whole call (prefill + decoding steps); `decode_tokens_per_s`: the decoding steps alone.
 - `default_cache_tokens_per_s`: the same call with transformers' default cache (the path before).
+- `hf_sampling_tokens_per_s` (sample mode): the same call sampling with transformers' own warpers
+  (`hf_sampling=True`: a full-vocabulary sort and softmax draw per step) instead of
+  `generation.nucleus_sample` (the same distribution, other draws).
 - `hf_tokens_per_s`: plain Hugging Face `generate` on an unwrapped copy of the model (eager
   attention, default cache), same ids, same settings.
 - `roofline_tokens_per_s`: the fastest this machine could produce the same tokens with these
@@ -152,12 +155,12 @@ def main() -> None:
         steps.append(time.perf_counter())
         return x
 
-    def bridge(fast: bool) -> tuple[float, float, list[list[int]], int]:
+    def bridge(fast: bool, hf_sampling: bool = False) -> tuple[float, float, list[list[int]], int]:
         steps.clear()
         t = time.perf_counter()
         out = generate(model, prompts, max_new_tokens=args.new_tokens, seed=args.seed,
                        batch_size=args.batch_size, fwd_hooks=[("hook_embed", on_embed)],
-                       fast_cache=fast, **settings)  # fmt: skip
+                       fast_cache=fast, hf_sampling=hf_sampling, **settings)  # fmt: skip
         end = time.perf_counter()
         decode = end - steps[1] if len(steps) > 1 else float("nan")
         return end - t, decode, out.new_tokens, len(steps)  # one forward per new position
@@ -178,18 +181,20 @@ def main() -> None:
             rows.append(row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row)
         return wall, float("nan"), rows, out.shape[1] - ids.shape[1]
 
-    for warm in (lambda: bridge(True), lambda: bridge(False), hf_plain):  # first calls pay extra
+    paths = {"fast": lambda: bridge(True), "default": lambda: bridge(False), "hf": hf_plain}
+    if sample:
+        paths["hf_sampling"] = lambda: bridge(True, hf_sampling=True)
+    for warm in paths.values():  # first calls pay extra
         n_tokens, args.new_tokens = args.new_tokens, 2
         warm()
         args.new_tokens = n_tokens
     peaks, bws = [], []
-    runs: dict[str, list] = {"fast": [], "default": [], "hf": []}
+    runs: dict[str, list] = {name: [] for name in paths}
     for _ in range(args.runs):  # interleaved, so a change in the machine's load hits every path
         peaks.append(matmul_gflop_s())
         bws.append(read_gb_s())
-        runs["fast"].append(bridge(True))
-        runs["default"].append(bridge(False))
-        runs["hf"].append(hf_plain())
+        for name, path in paths.items():
+            runs[name].append(path())
     peaks.append(matmul_gflop_s())
     bws.append(read_gb_s())
 
@@ -222,6 +227,14 @@ def main() -> None:
         "roofline_decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s else None,
         "speedup_vs_default_cache": round(wall["default"] / wall["fast"], 3),
         "speedup_vs_hf": round(wall["hf"] / wall["fast"], 3),
+        **(
+            {
+                "hf_sampling_tokens_per_s": round(full_steps / wall["hf_sampling"], 2),
+                "speedup_vs_hf_sampling": round(wall["hf_sampling"] / wall["fast"], 3),
+            }
+            if sample
+            else {}
+        ),
         "same_tokens_as_default_cache": all(
             f[2] == d[2] for f, d in zip(runs["fast"], runs["default"], strict=True)
         ),

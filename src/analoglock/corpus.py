@@ -106,6 +106,9 @@ class CorpusSettings:
     top_p: float
     repetition_penalty: float = 1.0
     prompt_version: int = PROMPT_VERSION
+    # how tokens are drawn (generation.nucleus_sample since 2026-11-30; files made before were
+    # drawn by transformers' warpers: the same distribution, other draws for the same seed)
+    sampler: str = "nucleus"
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ def _check_settings(path: Path, settings: CorpusSettings, has_lines: bool) -> No
     wanted = asdict(settings)
     if has_lines and meta.exists():
         stored = json.loads(meta.read_text(encoding="utf-8"))
+        stored.setdefault("sampler", "transformers")  # made before the sampler was recorded
         diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}={old!r} (asked {new!r})" for k, (old, new) in diff.items())

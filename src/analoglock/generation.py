@@ -13,6 +13,15 @@ copy of the whole cache per step) and then repeats the grouped key/value heads t
 `ExpandedKVCache` stores keys and values already repeated to the query heads, in buffers sized for
 the whole generation, so a step writes one position and attention reads views: same numbers, no
 copies; it costs `n_heads / n_kv_heads` times the cache memory, and is used when that fits.
+
+Owns sampling as well. transformers samples by sorting the whole vocabulary for top-p and drawing
+from a softmax over it, every step: at batch 128 over SmolLM2's 49,152 tokens that sort and draw
+took longer than the model's forward. `nucleus_sample` draws from the same distribution
+(temperature, then top-k, then top-p, as transformers orders its warpers) from the `candidates`
+most likely tokens, sorting the whole vocabulary only for rows whose nucleus is wider than that.
+`generate` runs it as the last logits processor of a greedy decode, which marks the drawn token so
+that greedy's argmax picks it. The draws are other draws than transformers' (another sequence of
+random numbers), so sampled text differs for the same seed; greedy decoding is untouched.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.generation.logits_process import LogitsProcessor
 
 from analoglock.tokens import (
     MEMORY_FRACTION,
@@ -153,6 +163,83 @@ def _expanded_kv_cache(model, rows: int, capacity: int) -> Iterator[dict]:
             m.num_key_value_groups = n
 
 
+def nucleus_sample(
+    scores: torch.Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    candidates: int = 1024,
+) -> torch.Tensor:
+    """One token id per row of `scores` [batch, vocab], drawn as transformers' sampling draws it:
+    softmax(scores / temperature) restricted to the `top_k` most likely tokens (None or 0: all),
+    then to the smallest most-likely set whose probability reaches `top_p` (a token is kept when
+    the probability of the tokens ranked above it is below top_p; the most likely is always kept),
+    renormalised. Uses the torch generator, so `torch.manual_seed` fixes the draws."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = scores.float() / temperature if temperature != 1.0 else scores.float()
+    vocab = logits.shape[-1]
+    limit = min(top_k, vocab) if top_k else vocab
+    if top_p >= 1.0 and limit == vocab:  # nothing to cut: a plain softmax draw
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1)[:, 0]
+
+    def draw(rows: torch.Tensor, k: int, norm: torch.Tensor | None):
+        """From the k most likely tokens of each row, normalised by `norm` (None: over those k)."""
+        top, idx = rows.topk(k, dim=-1)  # sorted, most likely first
+        probs = (top - (torch.logsumexp(top, -1, keepdim=True) if norm is None else norm)).exp()
+        keep = (probs.cumsum(-1) - probs) < top_p if top_p < 1 else torch.ones_like(top, dtype=bool)
+        keep[:, 0] = True
+        choice = torch.multinomial(probs * keep, 1)
+        return idx.gather(1, choice)[:, 0], keep[:, -1]  # and: might the nucleus go on?
+
+    if limit < vocab:  # transformers cuts to the top_k first and renormalises over them
+        return draw(logits, limit, None)[0]
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    k = min(candidates, vocab)
+    tokens, may_continue = draw(logits, k, lse)
+    if k < vocab and may_continue.any():  # these rows' nucleus is wider: draw over all of it
+        wider = may_continue.nonzero()[:, 0]
+        tokens[wider] = draw(logits[wider], vocab, lse[wider])[0]
+    return tokens
+
+
+class NucleusSampler(LogitsProcessor):
+    """`nucleus_sample` as the last logits processor of a greedy decode: the drawn token's score
+    is set to +inf, so greedy's argmax returns it (see the module docstring)."""
+
+    def __init__(self, temperature: float, top_p: float, top_k: int | None = None):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        tokens = nucleus_sample(scores, self.temperature, self.top_p, self.top_k)
+        return scores.scatter_(1, tokens[:, None], float("inf"))
+
+
+# generation-config warpers NucleusSampler does not reproduce: with one of these set, transformers
+# samples (see generate's hf_sampling)
+_OTHER_WARPERS = ("min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+
+
+def _sampling_kwargs(hf, do_sample: bool, temperature: float, top_p: float, hf_sampling: bool):
+    """generate() kwargs for greedy decoding, for transformers' sampling, or for NucleusSampler."""
+    if not do_sample:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    config = hf.generation_config
+    other = [w for w in _OTHER_WARPERS if getattr(config, w, None) not in (None, 0, 0.0, 1.0)]
+    if hf_sampling or other:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    sampler = NucleusSampler(temperature, top_p, getattr(config, "top_k", None))
+    return {
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "logits_processor": [sampler],
+    }
+
+
 @dataclass(frozen=True)
 class Generation:
     """Prompts, completions and the new token ids of each."""
@@ -191,13 +278,15 @@ def generate(
     batch_size: int = 16,
     progress: bool = False,
     fast_cache: bool = True,
+    hf_sampling: bool = False,
 ) -> Generation:
     """Greedy or sampled continuations of a batch of prompts, with `fwd_hooks` active throughout.
 
     Prompts that cannot be generated from (prompt + max_new_tokens past the model's context, or
     a prefill over the memory budget) are refused before any decoding (`tokens.check_lengths`).
     `fast_cache=False` decodes with transformers' default cache instead of `ExpandedKVCache`
-    (same tokens; for comparison).
+    (same tokens; for comparison). Sampling draws with `nucleus_sample`; `hf_sampling=True`
+    samples with transformers' own warpers instead (the same distribution, slower, other draws).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     check_lengths(
@@ -214,11 +303,7 @@ def generate(
     tok = model.tokenizer
     completions: list[str] = []
     new_tokens: list[list[int]] = []
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p}
-        if do_sample
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
+    sampling = _sampling_kwargs(hf, do_sample, temperature, top_p, hf_sampling)
     eos = tok.eos_token_id
     with torch.random.fork_rng(devices=[]):
         if seed is not None:

@@ -121,6 +121,10 @@ def test_bench_decode(tiny_dir, tmp_path):
     assert keys <= set(out) and out["batch_size"] == 3 and out["n_runs"] == 1
     assert out["roofline_fraction"] > 0 and out["roofline_tokens_per_s"] > 0
     assert out["same_greedy_tokens_as_hf"] and out["same_tokens_as_default_cache"]
+    out = run_script("bench_decode.py", "--model", tiny_dir, "--batch-size", "3", "--new-tokens", "5",
+                     "--runs", "1", cwd=tmp_path)  # fmt: skip
+    assert out["mode"] == "sample" and out["same_tokens_as_default_cache"]
+    assert out["hf_sampling_tokens_per_s"] > 0 and "same_greedy_tokens_as_hf" not in out
 
 
 def test_bench_lock(tiny_dir, tmp_path, monkeypatch):

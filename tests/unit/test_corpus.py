@@ -83,6 +83,19 @@ def test_other_settings_refuse_to_resume(tiny_model, reference):
         generate_corpus(tiny_model, 10_000, seed=0, out_path=reference, temperature=0.5, **SMALL)
 
 
+def test_a_file_drawn_by_the_old_sampler_is_not_extended_with_the_new_one(
+    tiny_model, reference, tmp_path
+):
+    old = tmp_path / "old.jsonl"
+    old.write_bytes(reference.read_bytes())
+    meta = json.loads(settings_path(reference).read_text())
+    assert meta["sampler"] == "nucleus"
+    del meta["sampler"]  # what a file made before 2026-11-30 records
+    settings_path(old).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="sampler='transformers' \\(asked 'nucleus'\\)"):
+        generate_corpus(tiny_model, 10_000, seed=0, out_path=old, **SMALL)
+
+
 def test_empty_completions_are_dropped(tiny_model, tmp_path, monkeypatch):
     def fake(model, prompts, **kwargs):
         done = ["", "  ", "Once upon a time.", "\n"][: len(prompts)]

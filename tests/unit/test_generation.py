@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from analoglock import generation
-from analoglock.generation import ExpandedKVLayer, _grouped_attention, generate
+from analoglock.generation import ExpandedKVLayer, _grouped_attention, generate, nucleus_sample
 
 PROMPTS = ["Once upon a time, a tortoise", "The manager said", "Hi"]
 
@@ -61,3 +61,56 @@ def test_falls_back_to_the_default_cache_when_it_does_not_fit(tiny_model, monkey
     small = generate(tiny_model, PROMPTS, max_new_tokens=4)
     assert "cache" in calls[0] and "cache" not in calls[1]
     assert fast.new_tokens == small.new_tokens
+
+
+def _transformers_distribution(scores, temperature, top_p, top_k):
+    """The probabilities transformers samples from: its own warpers, in its own order."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    out = TemperatureLogitsWarper(temperature)(None, scores.clone())
+    if top_k:
+        out = TopKLogitsWarper(top_k)(None, out)
+    return torch.softmax(TopPLogitsWarper(top_p)(None, out), dim=-1)
+
+
+def test_nucleus_sample_draws_from_the_distribution_transformers_samples_from():
+    torch.manual_seed(0)
+    # rows from peaked (nucleus of 1-2 tokens) to flat (nucleus wider than the 8 candidates)
+    scores = torch.randn(6, 40) * torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.1])[:, None]
+    n = 4000
+    for temperature, top_p, top_k in ((0.8, 0.95, None), (1.3, 0.5, None), (0.8, 0.9, 12)):
+        want = _transformers_distribution(scores, temperature, top_p, top_k)
+        drawn = nucleus_sample(
+            scores.repeat_interleave(n, 0), temperature, top_p, top_k, candidates=8
+        )
+        got = torch.zeros_like(want)
+        got.index_put_(
+            (torch.arange(6).repeat_interleave(n), drawn), torch.ones(6 * n), accumulate=True
+        )
+        got /= n
+        assert torch.all(got[want == 0] == 0), "drew a token outside transformers' nucleus"
+        # total variation of 4000 draws from the same distribution: ~0.02 at most here
+        assert (got - want).abs().sum(-1).max() / 2 < 0.05
+    wide = _transformers_distribution(scores, 0.8, 0.95, None)
+    assert (wide[-1] > 0).sum() > 8  # the flat row did take the full-vocabulary path
+
+
+def test_nucleus_sample_refuses_settings_transformers_would_not_sample_with():
+    import pytest
+
+    with pytest.raises(ValueError, match="temperature"):
+        nucleus_sample(torch.randn(2, 5), temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        nucleus_sample(torch.randn(2, 5), top_p=1.5)
+
+
+def test_sampling_with_a_nucleus_of_one_token_is_greedy_either_way(tiny_model):
+    greedy = generate(tiny_model, PROMPTS, max_new_tokens=6).new_tokens
+    for hf_sampling in (False, True):
+        sampled = generate(tiny_model, PROMPTS, max_new_tokens=6, do_sample=True, temperature=0.7,
+                           top_p=1e-6, seed=1, hf_sampling=hf_sampling)  # fmt: skip
+        assert sampled.new_tokens == greedy
