@@ -52,7 +52,14 @@ from analoglock.relations.text import (
     load_paraphrases,
     n_prefix,
 )
-from analoglock.stats import NULL_KINDS, empirical_p, null_directions, p_floor
+from analoglock.stats import (
+    NULL_KINDS,
+    bootstrap_indices,
+    empirical_p,
+    null_directions,
+    p_floor,
+    percentile_interval,
+)
 
 BASIS_FITS = ("reference", "inputs")  # what the default SVD basis is fit on
 DEFAULT_REFERENCE = (
@@ -83,6 +90,28 @@ def _drop_z(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- abstract vs superficial
+
+
+def rate_difference_interval(rows: list[dict], seed: int = 0, n_boot: int = 2000) -> dict:
+    """Abstract rate minus its control rate, with a 95% bootstrap interval over pairs: both rates
+    are over the same commonalities, so one resample of pairs serves both (a paired interval)."""
+    counts = torch.tensor(
+        [
+            [len(r["abstract"]) + len(r["superficial"]), len(r["abstract"]),
+             len(r["abstract_under_control"])]
+            for r in rows
+        ],
+        dtype=torch.float64,
+    )  # fmt: skip
+    sums = counts[bootstrap_indices(len(rows), n_boot, seed)].sum(1)  # [n_boot, 3]
+    diff = (sums[:, 1] - sums[:, 2]) / sums[:, 0]  # NaN where a resample has no commonality
+    total = counts.sum(0)
+    point = float((total[1] - total[2]) / total[0]) if total[0] else float("nan")
+    return {
+        "abstract_rate_minus_control": point,
+        "abstract_rate_minus_control_ci95": list(percentile_interval(diff)),
+        "interval": f"95% percentile bootstrap over the {len(rows)} pairs, {n_boot} resamples",
+    }
 
 
 def classify_commonalities(
@@ -136,6 +165,7 @@ def classify_commonalities(
         **tot,
         "abstract_rate": tot["n_abstract"] / c if c else None,
         "abstract_rate_control": tot["n_abstract_control"] / c if c else None,
+        **rate_difference_interval(rows, seed),
         "control": "each pair's commonalities tested against the paraphrases of a different pair",
         "per_pair": rows,
         "per_feature": {

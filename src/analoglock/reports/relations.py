@@ -417,8 +417,14 @@ def headline(results: dict[str, Any]) -> dict[str, str]:
         t["interpolation: abstract commonalities"] = (
             f"{ab['n_abstract']} of {ab['n_commonalities']} (rate {ab['abstract_rate'] or 0:.2f}) "
             f"vs another pair's paraphrases {ab['abstract_rate_control'] or 0:.2f} "
-            f"({ab['n_pairs']} pairs; a rate, no p-value)"
+            f"({ab['n_pairs']} pairs)"
         )
+        if "abstract_rate_minus_control_ci95" in ab:  # results written before it have none
+            lo, hi = ab["abstract_rate_minus_control_ci95"]
+            t["interpolation: abstract commonalities"] += (
+                f"; difference {ab['abstract_rate_minus_control']:+.2f} [{lo:+.2f}, {hi:+.2f}], "
+                "95% bootstrap over pairs"
+            )
     return t
 
 

@@ -635,3 +635,22 @@ def test_jacobian_and_interpolate_run_from_config(tiny_model):
     )
     with pytest.raises(ValueError, match="has no class 'queen'"):
         ip.run(dict(cfg, relations=["gender:male-queen", "royalty:king-queen"]), ctx)
+
+
+def test_abstract_rate_difference_is_paired_over_pairs():
+    from analoglock.relations.interpolate import rate_difference_interval
+
+    def row(abstract: int, superficial: int, control: int) -> dict:
+        return {"abstract": ["f"] * abstract, "superficial": ["g"] * superficial,
+                "abstract_under_control": ["h"] * control}  # fmt: skip
+
+    same = rate_difference_interval([row(3, 1, 1)] * 10)
+    assert same["abstract_rate_minus_control"] == 0.5
+    assert same["abstract_rate_minus_control_ci95"] == [0.5, 0.5]  # no variation between pairs
+    # half the pairs carry the whole excess: the point is the pooled rate, the interval spans it
+    mixed = rate_difference_interval([row(4, 0, 0)] * 5 + [row(2, 2, 2)] * 5)
+    lo, hi = mixed["abstract_rate_minus_control_ci95"]
+    # the difference is (type-A pairs drawn) / 10, Binomial(10, 1/2) / 10: 95% between 0.2 and 0.8
+    assert mixed["abstract_rate_minus_control"] == 0.5 and (lo, hi) == (0.2, 0.8)
+    none = rate_difference_interval([row(1, 1, 1)] * 6)
+    assert none["abstract_rate_minus_control_ci95"] == [0.0, 0.0]
