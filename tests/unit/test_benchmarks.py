@@ -127,6 +127,14 @@ def test_bench_decode(tiny_dir, tmp_path):
     assert out["hf_sampling_tokens_per_s"] > 0 and "same_greedy_tokens_as_hf" not in out
 
 
+def test_bench_kernels(tmp_path):
+    out = run_script("bench_kernels.py", "--batch", "3", "--layers", "2", "--d-model", "64",
+                     "--d-mlp", "96", "--vocab", "300", "--repeats", "1", cwd=tmp_path)  # fmt: skip
+    assert set(out["linear_ms"]["3"]) >= {"float32", "bfloat16", "int8_weight_only"}
+    assert 0 < out["int8_relative_error"] < 0.02  # 8-bit rows: ~0.5% error, not garbage
+    assert out["sampling_ms"]["3"]["transformers"] > 0 and out["sampling_ms"]["3"]["speedup"] > 0
+
+
 def test_bench_lock(tiny_dir, tmp_path, monkeypatch):
     """Selection on validation, seeds, steering on test: every stage, tiny sizes, the issue's keys."""
     monkeypatch.setenv("ANALOGLOCK_CACHE", str(tmp_path / "cache"))
