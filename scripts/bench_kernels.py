@@ -35,6 +35,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--d-mlp", type=int, default=1536)
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--model", default=None,
+                   help="also time the samplers on this model's own logits while it writes corpus "
+                        "stories (e.g. smollm2): `sampling_ms_model`")  # fmt: skip
+    p.add_argument("--model-steps", type=int, default=16, help="decoding steps to collect")
     return p.parse_args()
 
 
@@ -52,8 +56,8 @@ def lm_like_logits(batch: int, vocab: int, gen: torch.Generator) -> torch.Tensor
     """Logits ranked like a language model's next-token distribution: log-probability falling as
     -s log(rank) (Zipf, s drawn per row in [1.1, 1.8]) plus noise, in a random token order. At
     temperature 0.8 and top-p 0.95 their nuclei hold ~30 tokens at the median and ~700 at the
-    99th percentile: wider than SmolLM2's while it writes corpus stories (14 and ~340, measured
-    on 1,280 decoding steps), so this errs against the nucleus sampler."""
+    99th percentile: wider than SmolLM2's while it writes corpus stories (9 and ~295 with
+    --model smollm2), so this errs against the nucleus sampler."""
     log_rank = torch.arange(1, vocab + 1, dtype=torch.float64).log()
     s = torch.empty(batch, 1, dtype=torch.float64).uniform_(1.1, 1.8, generator=gen)
     ranked = (-s * log_rank).float() + 0.3 * torch.randn(batch, vocab, generator=gen)
@@ -118,6 +122,30 @@ def time_sampling(logits: torch.Tensor, repeats: int, gen: torch.Generator) -> d
     return row
 
 
+def model_logits(spec: str, batch: int, steps: int) -> torch.Tensor:
+    """The scores `nucleus_sample` sees at the first `steps` steps of a corpus batch: [steps *
+    batch, vocab], after the repetition penalty, in the order they came."""
+    from analoglock import generation
+    from analoglock.corpus import batch_requests
+    from analoglock.model import load_model
+
+    model = load_model(spec)
+    prompts = [generation.chat_prompt(model, r) for r in batch_requests(0, 0, batch)]
+    seen, sample = [], generation.nucleus_sample
+
+    def keep(scores, *args, **kwargs):
+        seen.append(scores.clone())
+        return sample(scores, *args, **kwargs)
+
+    generation.nucleus_sample = keep
+    try:
+        generation.generate(model, prompts, max_new_tokens=steps, do_sample=True, temperature=0.8,
+                            top_p=0.95, repetition_penalty=1.1, seed=0, batch_size=batch)  # fmt: skip
+    finally:
+        generation.nucleus_sample = sample
+    return torch.cat(seen)
+
+
 def main() -> None:
     args = parse()
     if args.threads:
@@ -132,6 +160,12 @@ def main() -> None:
         x = torch.randn(b, args.d_model, generator=gen)
         linear[str(b)] = time_linears(x, weights, args.repeats)
         sampling[str(b)] = time_sampling(lm_like_logits(b, args.vocab, gen), args.repeats, gen)
+    if args.model:
+        rows = model_logits(args.model, max(args.batch), args.model_steps)
+        sampling_model = {str(b): time_sampling(rows[-b:], args.repeats, gen) for b in args.batch}  # fmt: skip  # noqa: E501
+        sampling_model["nucleus_size_quantiles_50_90_99_all_steps"] = nucleus_sizes(
+            rows / 0.8, 0.95
+        )
     ref = torch.nn.functional.linear(x, weights[0])
     int8_out = torch._weight_int8pack_mm(x, *int8_weights(weights[0]))
     int8_err = float((int8_out - ref).norm() / ref.norm())
@@ -142,6 +176,7 @@ def main() -> None:
                 "linear_ms": linear,
                 "int8_relative_error": round(int8_err, 5),
                 "sampling_ms": sampling,
+                **({"sampling_ms_model": sampling_model, "model": args.model} if args.model else {}),
                 "shapes": {"layers": args.layers, "d_model": args.d_model, "d_mlp": args.d_mlp,
                            "vocab": args.vocab},  # fmt: skip
                 "torch_threads": torch.get_num_threads(),

@@ -128,6 +128,8 @@ def test_bench_decode(tiny_dir, tmp_path):
 
 
 def test_bench_kernels(tmp_path):
+    # --model (the samplers on a model's own logits) is left out: loading a model here costs
+    # ~20 s of the suite's time budget; the default path runs the same timing code
     out = run_script("bench_kernels.py", "--batch", "3", "--layers", "2", "--d-model", "64",
                      "--d-mlp", "96", "--vocab", "300", "--repeats", "1", cwd=tmp_path)  # fmt: skip
     assert set(out["linear_ms"]["3"]) >= {"float32", "bfloat16", "int8_weight_only"}
