@@ -52,6 +52,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="also profile this many decoding steps of the fast path (torch.profiler): "
+                        "`profile_ms_per_step`, the operators' self time per step")  # fmt: skip
     return p.parse_args()
 
 
@@ -126,6 +129,32 @@ def roofline_seconds(shape: dict, batch: int, prompt: int, new: int, peak: float
     for step in range(1, new):  # the first new token comes out of the prefill
         decode += max(batch * w_flops / peak, w_bytes / bw) + attention(1, prompt + step, False)
     return prefill, decode
+
+
+def profile_steps(model, prompts, args, settings, top: int = 12) -> dict[str, float]:
+    """Self CPU time per decoding step of the `top` costliest operators over --profile-steps
+    steps of the fast path (after the prefill and one step, so warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from analoglock.generation import generate
+
+    n, seen = args.profile_steps, []
+    prof = profile(activities=[ProfilerActivity.CPU])
+
+    def on_embed(x, hook):  # one call per forward: the prefill, then one per step
+        seen.append(None)
+        if len(seen) == 3:
+            prof.start()
+        elif len(seen) == 3 + n:
+            prof.stop()
+        return x
+
+    generate(model, prompts, max_new_tokens=n + 3, seed=args.seed, batch_size=args.batch_size,
+             fwd_hooks=[("hook_embed", on_embed)], **settings)  # fmt: skip
+    if len(seen) < 3 + n:
+        prof.stop()  # every row ended early
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {e.key: round(e.self_cpu_time_total / 1000 / n, 2) for e in ops}
 
 
 def main() -> None:
@@ -254,6 +283,8 @@ def main() -> None:
         out["same_greedy_tokens_as_hf"] = all(
             f[2] == h[2] for f, h in zip(runs["fast"], runs["hf"], strict=True)
         )
+    if args.profile_steps:
+        out["profile_ms_per_step"] = profile_steps(model, prompts, args, settings)
     print(json.dumps(out))
 
 

@@ -115,12 +115,13 @@ def test_bench_load(tiny_dir, tmp_path):
 
 def test_bench_decode(tiny_dir, tmp_path):
     out = run_script("bench_decode.py", "--model", tiny_dir, "--batch-size", "3", "--new-tokens", "5",
-                     "--mode", "greedy", "--runs", "1", cwd=tmp_path)  # fmt: skip
+                     "--mode", "greedy", "--runs", "1", "--profile-steps", "1", cwd=tmp_path)  # fmt: skip
     keys = {"tokens_per_s", "hf_tokens_per_s", "roofline_tokens_per_s", "roofline_fraction",
             "batch_size", "new_tokens", "n_runs", "load_average"}  # fmt: skip
     assert keys <= set(out) and out["batch_size"] == 3 and out["n_runs"] == 1
     assert out["roofline_fraction"] > 0 and out["roofline_tokens_per_s"] > 0
     assert out["same_greedy_tokens_as_hf"] and out["same_tokens_as_default_cache"]
+    assert out["profile_ms_per_step"] and all(v >= 0 for v in out["profile_ms_per_step"].values())
     out = run_script("bench_decode.py", "--model", tiny_dir, "--batch-size", "3", "--new-tokens", "5",
                      "--runs", "1", cwd=tmp_path)  # fmt: skip
     assert out["mode"] == "sample" and out["same_tokens_as_default_cache"]
