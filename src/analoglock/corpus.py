@@ -31,6 +31,7 @@ from analoglock.model import cache_root, model_info
 
 log = logging.getLogger(__name__)
 
+SAMPLERS = ("nucleus", "transformers")  # see generate_corpus
 BATCH_SEED_STRIDE = 100003  # > batches in any corpus (10^6 tokens is ~300), so seeds never collide
 PROMPT_VERSION = 1  # bump when the word lists or templates change: old files then refuse to resume
 MAX_EMPTY_BATCHES = 10  # consecutive batches with no text before we call the model broken
@@ -227,7 +228,8 @@ def _check_settings(path: Path, settings: CorpusSettings, has_lines: bool) -> No
             detail = ", ".join(f"{k}={old!r} (asked {new!r})" for k, (old, new) in diff.items())
             raise ValueError(
                 f"{path} was generated with other settings: {detail}. Pass the settings it was "
-                "made with to extend it, or another out_path for a new corpus."
+                "made with to extend it (sampler=transformers for a file made before "
+                "2026-11-30), or another out_path for a new corpus."
             )
         return
     if has_lines:
@@ -245,6 +247,7 @@ def sample_batch(
     top_p: float,
     repetition_penalty: float = 1.0,
     on_step: Callable[[], None] | None = None,
+    hf_sampling: bool = False,
 ) -> list[dict[str, Any]]:
     """One batch's non-empty stories as rows `{"text", "prompt", "n_tokens", "batch"}`.
 
@@ -263,6 +266,7 @@ def sample_batch(
         seed=batch_seed(seed, batch_index),
         batch_size=batch_size,
         fwd_hooks=hooks,
+        hf_sampling=hf_sampling,
     )
     kept = [(r, c.strip()) for r, c in zip(requests, out.completions, strict=True) if c.strip()]
     if not kept:
@@ -325,8 +329,12 @@ def generate_corpus(
     top_p: float = 0.95,
     repetition_penalty: float = 1.1,
     progress: bool = True,
+    sampler: str = "nucleus",
 ) -> Path:
     """Sample short stories into a JSONL file until it holds at least `n_tokens` story tokens.
+
+    `sampler` is how tokens are drawn: "nucleus" (`generation.nucleus_sample`) or "transformers"
+    (its own warpers; what files made before 2026-11-30 used, so they can be extended as made).
 
     Each line is `{"id", "text", "prompt", "n_tokens", "batch"}`; `n_tokens` counts the story's
     tokens without special tokens. An existing file is extended from its next batch (or returned
@@ -342,6 +350,8 @@ def generate_corpus(
         )
     if temperature <= 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     path = Path(out_path) if out_path is not None else default_corpus_path(model, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = CorpusSettings(
@@ -352,6 +362,7 @@ def generate_corpus(
         temperature=float(temperature),
         top_p=float(top_p),
         repetition_penalty=float(repetition_penalty),
+        sampler=sampler,
     )
     state = _scan(path)
     _check_settings(path, settings, has_lines=state.n_lines > 0)
@@ -382,6 +393,7 @@ def generate_corpus(
                 top_p,
                 repetition_penalty,
                 on_step=bar.on_step if progress else None,
+                hf_sampling=sampler == "transformers",
             )
             lines = []
             for row in rows:

@@ -94,6 +94,12 @@ def test_a_file_drawn_by_the_old_sampler_is_not_extended_with_the_new_one(
     settings_path(old).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="sampler='transformers' \\(asked 'nucleus'\\)"):
         generate_corpus(tiny_model, 10_000, seed=0, out_path=old, **SMALL)
+    # drawn as it was made, it grows (transformers' own warpers)
+    n_before = len(texts(old))
+    generate_corpus(tiny_model, 400, seed=0, out_path=old, sampler="transformers", **SMALL)
+    assert len(texts(old)) > n_before and json.loads(settings_path(old).read_text()) == meta
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        generate_corpus(tiny_model, 400, seed=0, out_path=old, sampler="greedy", **SMALL)
 
 
 def test_empty_completions_are_dropped(tiny_model, tmp_path, monkeypatch):

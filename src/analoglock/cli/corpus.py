@@ -36,6 +36,7 @@ def main(cfg: DictConfig) -> None:
         top_p=cfg.top_p,
         repetition_penalty=cfg.repetition_penalty,
         progress=cfg.get("progress", True),
+        sampler=cfg.sampler,
     )
     seconds = time.perf_counter() - t0
     n_docs, n_tokens = corpus_stats(path)
