@@ -318,6 +318,12 @@ class _StepBar:
         self.bar.close()
 
 
+def check_sampler(sampler: str) -> None:
+    """A clear error unless `sampler` is one of SAMPLERS (callers check before loading a model)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
 def generate_corpus(
     model,
     n_tokens: int,
@@ -350,8 +356,7 @@ def generate_corpus(
         )
     if temperature <= 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    check_sampler(sampler)
     path = Path(out_path) if out_path is not None else default_corpus_path(model, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = CorpusSettings(

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from analoglock.cli._conf import CONF_PATH
-from analoglock.corpus import SAMPLERS, corpus_stats, default_corpus_path, generate_corpus
+from analoglock.corpus import check_sampler, corpus_stats, default_corpus_path, generate_corpus
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,7 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base=None, config_path=CONF_PATH, config_name="corpus")
 def main(cfg: DictConfig) -> None:
     """Load the model from config, grow the corpus to `n_tokens`, print a one-line JSON summary."""
-    if cfg.sampler not in SAMPLERS:  # before the model loads
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {cfg.sampler!r}")
+    check_sampler(cfg.sampler)  # before the model loads
     model = hydra.utils.instantiate(cfg.model)
     path = cfg.out_path or default_corpus_path(model, cfg.seed)
     _, before = corpus_stats(path)
