@@ -55,6 +55,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, nargs="+", default=[0.5, 1.0])
     p.add_argument("--map-positions", nargs="+", default=["roles", "all"])
     p.add_argument("--scale", type=float, nargs="+", default=[2.0, 4.0])
+    p.add_argument("--ref-split", default="train",
+                   help="split whose stories give the judge's domain centroids (never test)")  # fmt: skip
     p.add_argument("--no-steer", action="store_true",
                    help="stop after the seeds' held-out retrieval (skip stage 3, the slow one)")  # fmt: skip
     p.add_argument("--selected", default=None,
@@ -185,6 +187,7 @@ def main(argv=None) -> dict[str, Any]:
         alphas=args.alpha,
         positions=args.map_positions,
         scales=args.scale,
+        ref_split=args.ref_split,
     )
     result.update(steering)
     (out / "bench_lock.json").write_text(json.dumps(result, indent=1))
