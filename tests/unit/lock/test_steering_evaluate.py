@@ -34,14 +34,16 @@ HOOK = "blocks.1.hook_resid_post"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_artifact(model, out_dir, control=True, **extra):
-    """A random affine lock (and control) at HOOK with every vector steering reads."""
-    gen = torch.Generator().manual_seed(0)
+def make_artifact(model, out_dir, control=True, seed=0, **extra):
+    """A random affine lock (and control) at HOOK with every vector steering reads. `seed` draws
+    the maps (as a training seed would); the data's vectors (meandiff, cov_a) stay the same."""
+    gen = torch.Generator().manual_seed(seed)
     mapper = build_mapper("affine", d_model=64)
     ctl = build_mapper("affine", d_model=64)
     with torch.no_grad():
         for p in [*mapper.parameters(), *ctl.parameters()]:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    gen = torch.Generator().manual_seed(0)
     a = torch.randn(300, 64, generator=gen)
     with torch.no_grad():
         learned = (mapper(a) - a).mean(0)
@@ -449,14 +451,68 @@ def test_cli_refuses_bad_prompts_before_loading_the_model(tmp_path):
         run(cfg)
 
 
-def test_steer_seeds_summarises_over_run_directories(tiny_model, tiny_dir, tmp_path):
+def count_generations(monkeypatch) -> list[int]:
+    """Every steered generation run_arm starts, one entry (its number of prompts) per call."""
+    from analoglock.lock.steering import arms
+
+    calls: list[int] = []
+    real = arms.steered_generate
+
+    def counted(model, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(arms, "steered_generate", counted)
+    return calls
+
+
+def test_the_unsteered_model_and_each_vector_are_measured_once_per_task(
+    tiny_model, artifact, monkeypatch
+):
+    from analoglock.lock.steering import build_task, map_steering, run_arm, vector_steering
+
+    judge, opts = FakeJudge(), SteerOptions(**SMALL)
+    task = build_task(tiny_model, judge, "fable_work", "test", opts)
+    calls = count_generations(monkeypatch)
+
+    def vec(scale):
+        return vector_steering(tiny_model, HOOK, artifact.vectors["meandiff"], scale, "all")
+
+    def arm(steering, name):
+        return run_arm(tiny_model, task, steering, judge, name, 4, 16)
+
+    first, again = arm(None, "unsteered"), arm(None, "again")
+    md, md_best, md3 = arm(vec(2.0), "meandiff"), arm(vec(2.0), "meandiff_best"), arm(vec(3.0), "x")
+    lock = map_steering(tiny_model, artifact.mapper, HOOK, 0.5, "all")
+    arm(lock, "lock"), arm(lock, "lock_again")  # a map is always measured
+    assert len(calls) == 5
+    assert again.name == "again" and again.texts == first.texts
+    assert md_best.name == "meandiff_best" and md_best.spec["scale"] == 2.0
+    assert md3.texts != md.texts
+    # what is reused is what a fresh measurement on a fresh task gives
+    fresh = run_arm(
+        tiny_model, build_task(tiny_model, judge, "fable_work", "test", opts), vec(2.0), judge,
+        "meandiff", 4, 16,
+    )  # fmt: skip
+    assert fresh.texts == md_best.texts and fresh.new_tokens == md_best.new_tokens
+    for key in ArmResult._TENSORS:
+        torch.testing.assert_close(getattr(fresh, key), getattr(md_best, key), equal_nan=True)
+
+
+def test_steer_seeds_summarises_over_run_directories(tiny_model, tiny_dir, tmp_path, monkeypatch):
     from analoglock.lock.steering import steer_seeds
     from analoglock.lock.steering.bench import load_model_from_config
 
-    dirs = [make_artifact(tiny_model, tmp_path / f"seed{k}") for k in range(2)]
+    dirs = [make_artifact(tiny_model, tmp_path / f"seed{k}", seed=k) for k in range(2)]
     small = {**SMALL, "alphas": (1.0,), "positions": ("all",), "scales": (2.0,), "n_random": 2,
              "n_prompts": 2}  # fmt: skip
+    calls = count_generations(monkeypatch)
     out = steer_seeds(dirs, model=tiny_model, judge=FakeJudge(), **small)
+    # seed 0 generates 11 arms: validation unsteered, lock, meandiff; test unsteered, lock,
+    # control map, meandiff (meandiff_best is the same setting), asked, meandiff at the lock's
+    # norm, 2 random directions. Seed 1 shares the tasks: only its own maps and the controls at
+    # its norm are new (validation lock; test lock, control, meandiff_norm, 2 random).
+    assert len(calls) == 11 + 6
     assert out["n_seeds"] == 2 and out["n_prompts"] == 2
     for key in ("analogue_top1", "meandiff_analogue_top1", "unsteered_role_mrr", "fluency_ratio"):
         assert key in out and f"{key}_ci" in out

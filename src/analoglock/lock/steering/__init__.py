@@ -33,6 +33,7 @@ from analoglock.lock.steering.hooks import (
     random_control,
     steer,
     steered_generate,
+    steered_logits,
     steered_logprobs,
     vector_steering,
 )
@@ -122,6 +123,7 @@ __all__ = [
     "select",
     "steer",
     "steered_generate",
+    "steered_logits",
     "steered_logprobs",
     "steer_seeds",
     "story_opening",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -37,6 +38,22 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- one arm
 
 
+def _measure_key(
+    task: SteeringTask, steering: Steering | None, max_new_tokens: int, batch_size: int
+) -> tuple | None:
+    """What an arm's numbers depend on beyond the task's fixed items, for `task.measured`; None
+    for a map (its module is not compared by value), which is always measured."""
+    if steering is None:
+        what: tuple = ("unsteered",)
+    elif steering.kind == "vector":
+        v = steering.vector
+        what = ("vector", steering.hook, steering.positions, steering.strength, v.numpy().tobytes())
+    else:
+        return None
+    prompts = tuple(p.text for p in task.prompts)
+    return (prompts, tuple(map(tuple, task.role_positions)), what, max_new_tokens, batch_size)
+
+
 @torch.no_grad()
 def run_arm(
     model,
@@ -48,7 +65,18 @@ def run_arm(
     batch_size: int = 16,
     spec: Mapping[str, Any] | None = None,
 ) -> ArmResult:
-    """Generate under `steering` (None: unsteered) and take every measure, per unit."""
+    """Generate under `steering` (None: unsteered) and take every measure, per unit.
+
+    The unsteered model and each vector are measured once per task (greedy decoding and the
+    measures are deterministic): asked again, under another name or by another lock run sharing
+    the task, the numbers are reused under the new name and spec."""
+
+    def describe() -> dict[str, Any]:  # after measuring: a map's applied norm is measured then
+        return {**(steering.describe() if steering is not None else {}), **dict(spec or {})}
+
+    key = _measure_key(task, steering, max_new_tokens, batch_size)
+    if key is not None and key in task.measured:
+        return replace(task.measured[key], name=name, spec=describe())
     gen = steered_generate(
         model,
         [p.text for p in task.prompts],
@@ -61,12 +89,9 @@ def run_arm(
     if not task.clean_neutral:
         rows = encode_texts(model, task.neutral)
         task.clean_neutral.update(steered_logprobs(model, rows, None, None, batch_size))
-    info = dict(spec or {})
-    if steering is not None:
-        info = {**steering.describe(), **info}
-    return ArmResult(
+    result = ArmResult(
         name=name,
-        spec=info,
+        spec={},
         texts=gen.completions,
         new_tokens=gen.new_tokens,
         judge_score=domain_scores(emb, task.a_centroid, task.b_centroid),
@@ -79,6 +104,10 @@ def run_arm(
         ),
         neutral_kl=neutral_kl_values(model, task.neutral, steering, batch_size, task.clean_neutral),
     )
+    result.spec = describe()
+    if key is not None:
+        task.measured[key] = result
+    return result
 
 
 def _feasible(row: Mapping[str, float], opts: SteerOptions) -> bool:

@@ -2,7 +2,8 @@
 
 Owns what a benchmark needs from steering: load the model once (from the packaged Hydra model
 config, so `model=hf model.spec=...` overrides work as on the command line), steer each seed's
-artifact with the same options (each seed chooses its own alpha and positions on validation),
+artifact with the same options (each seed chooses its own alpha and positions on validation;
+the prompts, and the arms no seed changes, are shared: measured once),
 write each run's strict-JSON `steer.json`, and summarise every arm over prompts and seeds with
 bootstrap intervals and paired tests against the mean difference. Knows nothing of training.
 """
@@ -61,9 +62,10 @@ def steer_seeds(
     opts.check()
     model = model if model is not None else load_model_from_config(model_overrides)
     reports = []
+    tasks: dict = {}  # shared: the unsteered and mean-difference arms are measured once
     for run_dir in run_dirs:
         artifact = load_artifact(run_dir, model)
-        report = run_steering(model, artifact, opts, judge=judge)
+        report = run_steering(model, artifact, opts, judge=judge, tasks=tasks)
         report = {"ckpt": str(run_dir), "model": model_info(model).to_dict(), **report}
         if write:
             path = Path(run_dir) / STEER_FILE

@@ -145,15 +145,9 @@ def evaluate_test(
                 model, hook, meandiff, choice[name]["scale"], choice[name]["positions"]
             )
     results: dict[str, ArmResult] = {}
-    done: dict[tuple, ArmResult] = {}
     for name, s in tqdm(arms.items(), desc=f"steer arms ({task.split})", disable=not opts.progress):
-        key = (s.kind, s.positions, s.strength) if s is not None and s.kind == "vector" else None
-        if key is not None and key in done:  # the same mean-difference setting under two names
-            results[name] = replace(done[key], name=name)
-            continue
+        # the same mean-difference setting under two names is measured once (`run_arm`)
         results[name] = run_arm(model, task, s, judge, name, **kw)
-        if key is not None:
-            done[key] = results[name]
     if ask is not None:
         results["asked"] = _asked(model, task, judge, ask, opts)
     if opts.random_norm == "applied":
@@ -201,8 +195,13 @@ def run_steering(
     opts: SteerOptions | None = None,
     dataset: str | None = None,
     judge: Judge | None = None,
+    tasks: dict[tuple[str, str], SteeringTask] | None = None,
 ) -> dict[str, Any]:
     """The whole protocol for one lock artifact: sweep on validation, choose, evaluate on test.
+
+    `tasks` (a dict, possibly empty) keeps each (dataset, split)'s task between calls, so several
+    lock runs with the same options and judge share the prompts and what was measured on them:
+    the unsteered model and the mean-difference vector are then measured once, not per run.
 
     Returns a strict-JSON report (NaN as null): "selection", "sweep" (validation rows), "test"
     (sizes, chance levels, "summary" with bootstrap intervals and paired tests vs the mean
@@ -222,8 +221,11 @@ def run_steering(
         opts.allow_extrapolation,
     )  # fmt: skip
     judge = judge if judge is not None else load_judge()
-    val = build_task(model, judge, dataset, opts.select_split, opts)
-    test = build_task(model, judge, dataset, opts.eval_split, opts, prompts=opts.prompts)
+    tasks = {} if tasks is None else tasks
+    for split, prompts in ((opts.select_split, None), (opts.eval_split, opts.prompts)):
+        if (dataset, split) not in tasks:
+            tasks[dataset, split] = build_task(model, judge, dataset, split, opts, prompts=prompts)
+    val, test = tasks[dataset, opts.select_split], tasks[dataset, opts.eval_split]
     rows, _ = sweep(model, artifact, val, judge, opts, hook)
     choice = choose(rows, opts)
     ask = resolve_ask(opts.ask, dataset, model) if opts.prompts is None else None

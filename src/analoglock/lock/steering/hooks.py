@@ -373,6 +373,44 @@ def steered_generate(
     return Generation(prompts, completions, new_tokens)
 
 
+def steered_logits(
+    model,
+    rows: Sequence[Sequence[int]],
+    steering: Steering | None = None,
+    positions: Sequence[RowPositions] | None = None,
+    batch_size: int = 16,
+) -> Iterator[tuple[int, Annotated[Tensor, "pos d_vocab"]]]:
+    """(row index, float32 logits [len, d_vocab]) of each id row, teacher-forced under `steering`,
+    in no particular order of rows.
+
+    Rows are batched shortest first and right-padded, which keeps every real position's logits
+    equal to the row's own unpadded run (causal attention never looks ahead at the pads); sorting
+    keeps the pads few (role-transfer prefixes run from a dozen to hundreds of tokens).
+    `positions[i]` says where row i's prompt ends and where its roles are (default: the whole
+    row is prompt, no roles).
+    """
+    pad = model.tokenizer.pad_token_id
+    device = model.cfg.device
+    skip = prepend_bos_id(model) is not None
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = [rows[i] for i in index]
+        ids, attn = pad_ids(batch, pad)
+        hooks: list[Hook] = []
+        if steering is not None:
+            where = (
+                [positions[i] for i in index]
+                if positions is not None
+                else [RowPositions(len(r), len(r), (), skip) for r in batch]
+            )
+            hooks = steering.hooks(position_mask(steering.positions, where, ids.shape[1], "right"))
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            logits = model(ids.to(device), attention_mask=attn.to(device))
+        for k, (i, r) in enumerate(zip(index, batch, strict=True)):
+            yield i, logits[k, : len(r)].float().cpu()
+
+
 def steered_logprobs(
     model,
     rows: Sequence[Sequence[int]],
@@ -380,31 +418,10 @@ def steered_logprobs(
     positions: Sequence[RowPositions] | None = None,
     batch_size: int = 16,
 ) -> Iterator[tuple[int, Annotated[Tensor, "pos d_vocab"]]]:
-    """(row index, float32 log-probs [len, d_vocab]) of each id row, teacher-forced under `steering`.
-
-    Rows are right-padded in batches, which keeps every real position's logits equal to the row's
-    own unpadded run (causal attention never looks ahead at the pads). `positions[i]` says where
-    row i's prompt ends and where its roles are (default: the whole row is prompt, no roles).
-    """
-    pad = model.tokenizer.pad_token_id
-    device = model.cfg.device
-    skip = prepend_bos_id(model) is not None
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        ids, attn = pad_ids(batch, pad)
-        hooks: list[Hook] = []
-        if steering is not None:
-            where = (
-                [positions[start + i] for i in range(len(batch))]
-                if positions is not None
-                else [RowPositions(len(r), len(r), (), skip) for r in batch]
-            )
-            hooks = steering.hooks(position_mask(steering.positions, where, ids.shape[1], "right"))
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-            logits = model(ids.to(device), attention_mask=attn.to(device))
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for i, r in enumerate(batch):
-            yield start + i, logp[i, : len(r)]
+    """(row index, float32 log-probs [len, d_vocab]) of each id row: `steered_logits`, each row's
+    real positions log-softmaxed (the pads never are)."""
+    for i, logits in steered_logits(model, rows, steering, positions, batch_size):
+        yield i, torch.log_softmax(logits, dim=-1)
 
 
 # ---------------------------------------------------------------- controls
@@ -460,6 +477,7 @@ __all__ = [
     "random_control",
     "steer",
     "steered_generate",
+    "steered_logits",
     "steered_logprobs",
     "vector_steering",
 ]

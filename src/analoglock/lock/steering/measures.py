@@ -22,6 +22,7 @@ from analoglock.lock.steering.hooks import (
     Hook,
     RowPositions,
     Steering,
+    steered_logits,
     steered_logprobs,
 )
 from analoglock.lock.steering.prompts import RoleItem, role_token_positions
@@ -93,8 +94,9 @@ def role_transfer_ranks(
         for r, it in zip(rows, items, strict=True)
     ]
     out = torch.zeros(len(items))
-    for i, logp in steered_logprobs(model, rows, steering, where, batch_size):
-        last = logp[-1]
+    # logits rank the candidates as log-probs do (one shift per row); only the last row is read
+    for i, logits in steered_logits(model, rows, steering, where, batch_size):
+        last = logits[-1]
         cands = torch.tensor(items[i].candidates, dtype=torch.long)
         out[i] = 1.0 + float((last[cands] > last[items[i].target]).sum())
     return out

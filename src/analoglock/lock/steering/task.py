@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -136,6 +137,9 @@ class SteeringTask:
     b_centroid: Tensor  # ... and of its workplace stories
     candidates: Tensor  # judge embeddings of this split's workplace stories
     clean_neutral: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    measured: dict[tuple, Any] = field(default_factory=dict, repr=False)
+    """Arms already measured on these prompts, by what they do (`arms.run_arm`): a task shared
+    by several lock runs measures the unsteered model and each vector once."""
 
     @property
     def chance(self) -> dict[str, float]:
