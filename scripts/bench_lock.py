@@ -41,6 +41,11 @@ MAPS = {
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, nargs="+", default=[12, 16, 20, 24])
+    p.add_argument("--layer-sets", nargs="*", default=[], metavar="L1,L2",
+                   help="also several layers at once (e.g. 16,20 16,20,24): each row is the "
+                        "layers' residuals side by side, each scaled to unit RMS on train "
+                        "(paired.concat_hooks); scored on validation beside single layers, never "
+                        "chosen (a map steers at one hook)")  # fmt: skip
     p.add_argument("--maps", nargs="+", default=list(MAPS), choices=list(MAPS))
     p.add_argument("--epochs", type=int, default=8, help="epoch budget per selection run")
     p.add_argument("--seeds", type=int, default=3)
@@ -93,24 +98,32 @@ def select(args, base: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]
     import hydra
 
     from analoglock.lock.train import fit
-    from analoglock.paired import paired_activations
+    from analoglock.paired import concat_hooks, paired_activations
 
-    hooks = [f"blocks.{layer}.hook_resid_post" for layer in args.layers]
+    def hook_of(layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_post"
+
+    sets = [[int(x) for x in s.split(",")] for s in args.layer_sets]
+    hooks = [hook_of(layer) for layer in args.layers]
+    needed = sorted({*hooks, *(hook_of(layer) for ls in sets for layer in ls)})
     cfg0 = compose([*base, f"hook={hooks[0]}", "run_name=select", "out_dir=unused"])
     model = hydra.utils.instantiate(cfg0.model)
     pairs = {
-        h: paired_activations(model, cfg0.data.name, h, tuple(cfg0.views), also=hooks)
-        for h in hooks
+        h: paired_activations(model, cfg0.data.name, h, tuple(cfg0.views), also=needed)
+        for h in needed
     }
     del model
+    for ls in sets:  # several layers at once: "blocks.16+20.hook_resid_post"
+        name = hook_of("+".join(map(str, ls)))
+        pairs[name] = concat_hooks([pairs[hook_of(layer)] for layer in ls])
     table = []
-    for hook in hooks:
+    for hook in [*hooks, *(hook_of("+".join(map(str, ls))) for ls in sets)]:
         paired = pairs[hook]
         train_part = paired.subset("train")
         center = torch.cat([train_part.a, train_part.b]).mean(0)
         for name in args.maps:
-            cfg = compose([*base, *MAPS[name], f"hook={hook}", "run_name=select",
-                           "out_dir=unused", "shuffled_control=false"])  # fmt: skip
+            cfg = compose([*base, *MAPS[name], f"hook={hook.replace('+', '_')}",
+                           "run_name=select", "out_dir=unused", "shuffled_control=false"])  # fmt: skip
             t0 = time.perf_counter()
             module, cb, _ = fit(cfg, paired, center, None, None, max_epochs=args.epochs)
             hist = cb.history
@@ -130,11 +143,13 @@ def select(args, base: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]
                 "val_top1_assign": best.get("top1_assign"),
                 "val_margin_roles_vs_meandiff": best["margins"].get("top1_roles_vs_meandiff"),
                 "locked_any_epoch": any(h["locked"] for h in hist),
+                "steerable": "+" not in hook,  # several layers at once: representation only
                 "baselines": base_val, "seconds": round(time.perf_counter() - t0, 1),
             }  # fmt: skip
             logging.info("select %s", json.dumps(row))
             table.append(row)
-    best = max(table, key=lambda r: (r["val_mrr_roles"], r["val_top1_story"]))
+    steerable = [r for r in table if r["steerable"]]
+    best = max(steerable, key=lambda r: (r["val_mrr_roles"], r["val_top1_story"]))
     return table, best
 
 

@@ -132,6 +132,40 @@ def pool_pairs(acts: Activations, hook: str, views: tuple[str, ...] = VIEWS) -> 
     )
 
 
+def concat_hooks(parts: Sequence[PairedActivations]) -> PairedActivations:
+    """The same pairs read at several hooks at once: each row is its hooks' rows side by side.
+
+    Each hook's block is divided by the root-mean-square norm of its train rows (A and B
+    together): residual norms grow with depth, and unscaled the deepest layer would decide every
+    cosine and loss. Refuses parts whose rows are not the same pairs in the same order.
+    """
+    if not parts:
+        raise ValueError("concat_hooks needs at least one PairedActivations")
+    first = parts[0]
+    for k, p in enumerate(parts[1:], start=1):
+        if (p.pair, p.view, p.split) != (first.pair, first.view, first.split):
+            raise ValueError(
+                f"part {k} holds other rows than part 0 ({len(p)} vs {len(first)} rows, or another "
+                "order): pool every hook from the same harvest with the same views."
+            )
+    train = [i for i, s in enumerate(first.split) if s == "train"]
+    if not train:
+        raise ValueError("concat_hooks scales each hook by its train rows, and there are none")
+    blocks_a, blocks_b = [], []
+    for p in parts:
+        rows = torch.cat([p.a[train], p.b[train]])
+        rms = rows.pow(2).sum(-1).mean().sqrt().clamp(min=1e-12)
+        blocks_a.append(p.a / rms)
+        blocks_b.append(p.b / rms)
+    return PairedActivations(
+        torch.cat(blocks_a, dim=1),
+        torch.cat(blocks_b, dim=1),
+        list(first.pair),
+        list(first.view),
+        list(first.split),
+    )
+
+
 def harvest_dir(model, dataset: str, docs, hooks: Sequence[str]) -> Path:
     """Cache folder for a dataset's all-token harvest at some hooks.
 

@@ -156,7 +156,8 @@ def test_bench_kernels(tmp_path):
 def test_bench_lock(tiny_dir, tmp_path, monkeypatch):
     """Selection on validation, seeds, steering on test: every stage, tiny sizes, the issue's keys."""
     monkeypatch.setenv("ANALOGLOCK_CACHE", str(tmp_path / "cache"))
-    out = run_script("bench_lock.py", "--model", tiny_dir, "--layers", "1", "2", "--maps", "translation",
+    out = run_script("bench_lock.py", "--model", tiny_dir, "--layers", "1", "2", "--layer-sets", "1,3",
+                     "--maps", "translation",
                      "--epochs", "1", "--seeds", "1", "--n-random", "2", "--n-prompts", "2",
                      "--max-new-tokens", "4", "--alpha", "1.0", "--map-positions", "all", "--scale", "2",
                      "--ref-split", "validation", "--threads", "1", "--out", str(tmp_path / "bench"), cwd=tmp_path)  # fmt: skip
@@ -169,7 +170,12 @@ def test_bench_lock(tiny_dir, tmp_path, monkeypatch):
         "blocks.2.hook_resid_post",
     }
     sel = json.loads((tmp_path / "bench" / "selection.json").read_text())
-    assert len(sel["table"]) == 2  # 2 layers x 1 map, scored on validation only
+    # 2 layers and 1 set of layers (1 and 3 side by side) x 1 map, scored on validation only;
+    # the set is never chosen: a map steers at one hook
+    assert [r["hook"] for r in sel["table"]] == [
+        "blocks.1.hook_resid_post", "blocks.2.hook_resid_post", "blocks.1+3.hook_resid_post"
+    ]  # fmt: skip
+    assert [r["steerable"] for r in sel["table"]] == [True, True, False]
     assert all(0 <= row["val_top1_assign"] <= 1 for row in sel["table"])  # the analogy in a pair
     assert "top1_assign" in out["test_role_retrieval"]["0"]["learned"]
 

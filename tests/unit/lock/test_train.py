@@ -71,6 +71,26 @@ def test_pool_pairs_are_aligned(tiny_model, cache_dir):
     torch.testing.assert_close(again.b, story.b)
 
 
+def test_several_hooks_at_once_are_side_by_side_and_scaled_per_hook():
+    from analoglock.paired import concat_hooks
+
+    gen = torch.Generator().manual_seed(0)
+    ids, views, splits = ["p0", "p1", "p2"], ["story"] * 3, ["train", "train", "test"]
+    low = PairedActivations(torch.randn(3, 4, generator=gen), torch.randn(3, 4, generator=gen),
+                            ids, views, splits)  # fmt: skip
+    high = PairedActivations(100 * low.a[:, :2], 100 * low.b[:, :2], ids, views, splits)
+    both = concat_hooks([low, high])
+    assert both.a.shape == (3, 6) and (both.pair, both.split) == (ids, splits)
+    for block in (both.a[:, :4], both.a[:, 4:]):  # each hook's train rows at RMS norm 1
+        rows = torch.cat([block[:2], (both.b[:, :4] if block.shape[1] == 4 else both.b[:, 4:])[:2]])
+        torch.testing.assert_close(rows.pow(2).sum(-1).mean(), torch.tensor(1.0))
+    # the blocks are the parts themselves, each divided by one number: cosines within a block stay
+    torch.testing.assert_close(both.a[:, :4] / both.a[0, 0] * low.a[0, 0], low.a)
+    other = PairedActivations(low.a, low.b, ["p0", "p2", "p1"], views, splits)
+    with pytest.raises(ValueError, match="part 1 holds other rows"):
+        concat_hooks([low, other])
+
+
 def test_one_sided_data_is_refused():
     x = torch.randn(6, 8)
     one = PairedActivations(x, x, [f"p{i}" for i in range(6)], ["story"] * 6, ["train"] * 6)
