@@ -1,11 +1,15 @@
 """Benchmark batched decoding against the machine's limit for it.
 
 Prints ONE JSON object:
-- `tokens_per_s`: new tokens per second of `analoglock.generation.generate` through the bridge
-  (hook points live, one no-op hook on `hook_embed` as the corpus attaches; `ExpandedKVCache`),
-  whole call (prefill + decoding steps); `decode_tokens_per_s`: the decoding steps alone.
-- `default_cache_tokens_per_s`: the same call with transformers' default cache (the path before).
-- `hf_sampling_tokens_per_s` (sample mode): the same call sampling with transformers' own warpers
+- `tokens_per_s`: new tokens per second of `analoglock.generation.generate` as the corpus calls
+  it: `hook_points=False` (the Hugging Face modules the bridge wraps, SDPA attention), a progress
+  tick per step, `ExpandedKVCache`, `nucleus_sample`; whole call (prefill + decoding steps).
+  `decode_tokens_per_s`: the decoding steps alone.
+- `bridge_tokens_per_s`: the same call through the bridge (hook points live, one no-op hook on
+  `hook_embed`): what decoding with hooks (steering) pays; the corpus's path before 2026-11-30.
+- `default_cache_tokens_per_s`: the bridge with transformers' default cache (the path before
+  `ExpandedKVCache`).
+- `hf_sampling_tokens_per_s` (sample mode): the bridge sampling with transformers' own warpers
   (`hf_sampling=True`: a full-vocabulary sort and softmax draw per step) instead of
   `generation.nucleus_sample` (the same distribution, other draws).
 - `hf_tokens_per_s`: plain Hugging Face `generate` on an unwrapped copy of the model (eager
@@ -17,8 +21,10 @@ Prints ONE JSON object:
   float32 weights / bandwidth; attention: FLOPs vs reading the compact KV cache once),
   summed. Sampling (top-p sort, multinomial) and Python are left out: they are not the model.
   `roofline_fraction` = tokens_per_s / roofline_tokens_per_s.
-- `same_greedy_tokens_as_hf` (greedy mode): bridge tokens equal plain HF's;
-  `same_tokens_as_default_cache`: the new cache changes no token (sampled too, same seed).
+- `same_greedy_tokens_as_hf` (greedy mode): our tokens equal plain HF's;
+  `same_tokens_as_bridge`, `same_tokens_as_default_cache`: neither the HF modules nor the cache
+  change a token (sampled too, same seed).
+- `--paths` runs a subset (`fast` always); keys of the paths left out are absent.
 - `batch_size`, `new_tokens`, `prompt_tokens` (padded width), `n_runs` (paths interleaved per run;
   medians), `load_average` (1-minute at start and end: the machine may be shared).
 
@@ -40,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+PATHS = ("fast", "bridge", "default", "hf", "hf_sampling")
 CORPUS_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1}
 
 
@@ -52,6 +59,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                   help="which paths to time (fast is always timed)")  # fmt: skip
     p.add_argument("--profile-steps", type=int, default=0,
                    help="also profile this many decoding steps of the fast path (torch.profiler): "
                         "`profile_ms_per_step`, the operators' self time per step")  # fmt: skip
@@ -141,17 +150,16 @@ def profile_steps(model, prompts, args, settings, top: int = 12) -> dict[str, fl
     n, seen = args.profile_steps, []
     prof = profile(activities=[ProfilerActivity.CPU])
 
-    def on_embed(x, hook):  # one call per forward: the prefill, then one per step
+    def on_step():  # after each forward's logits: the prefill's, then one per step
         seen.append(None)
-        if len(seen) == 3:
+        if len(seen) == 2:
             prof.start()
-        elif len(seen) == 3 + n:
+        elif len(seen) == 2 + n:
             prof.stop()
-        return x
 
     generate(model, prompts, max_new_tokens=n + 3, seed=args.seed, batch_size=args.batch_size,
-             fwd_hooks=[("hook_embed", on_embed)], **settings)  # fmt: skip
-    if len(seen) < 3 + n:
+             hook_points=False, on_step=on_step, **settings)  # fmt: skip
+    if len(seen) < 2 + n:
         prof.stop()  # every row ended early
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {e.key: round(e.self_cpu_time_total / 1000 / n, 2) for e in ops}
@@ -180,19 +188,24 @@ def main() -> None:
     settings = {"do_sample": True, **CORPUS_SAMPLING} if sample else {"do_sample": False}
     steps: list[float] = []
 
-    def on_embed(x, hook):  # the corpus's progress hook: reads nothing, changes nothing
+    def on_embed(x, hook):  # a progress hook on the bridge: reads nothing, changes nothing
         steps.append(time.perf_counter())
         return x
 
-    def bridge(fast: bool, hf_sampling: bool = False) -> tuple[float, float, list[list[int]], int]:
+    def ours(fast: bool = True, hf_sampling: bool = False, hook_points: bool = True):
+        """(wall s, decoding-steps s, new tokens, positions generated) of one generate call."""
         steps.clear()
+        if hook_points:  # the hook fires at the start of each forward: decoding from the 2nd
+            kw, first = {"fwd_hooks": [("hook_embed", on_embed)]}, 1
+        else:  # the tick comes after each forward's logits: decoding from the 1st
+            kw, first = {"hook_points": False, "on_step": lambda: on_embed(None, None)}, 0
         t = time.perf_counter()
         out = generate(model, prompts, max_new_tokens=args.new_tokens, seed=args.seed,
-                       batch_size=args.batch_size, fwd_hooks=[("hook_embed", on_embed)],
-                       fast_cache=fast, hf_sampling=hf_sampling, **settings)  # fmt: skip
+                       batch_size=args.batch_size, fast_cache=fast, hf_sampling=hf_sampling,
+                       **kw, **settings)  # fmt: skip
         end = time.perf_counter()
-        decode = end - steps[1] if len(steps) > 1 else float("nan")
-        return end - t, decode, out.new_tokens, len(steps)  # one forward per new position
+        decode = end - steps[first] if len(steps) > first else float("nan")
+        return end - t, decode, out.new_tokens, len(steps)  # one call per new position
 
     def hf_plain() -> tuple[float, float, list[list[int]], int]:
         hf_settings = dict(settings)
@@ -210,9 +223,15 @@ def main() -> None:
             rows.append(row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row)
         return wall, float("nan"), rows, out.shape[1] - ids.shape[1]
 
-    paths = {"fast": lambda: bridge(True), "default": lambda: bridge(False), "hf": hf_plain}
-    if sample:
-        paths["hf_sampling"] = lambda: bridge(True, hf_sampling=True)
+    every = {
+        "fast": lambda: ours(hook_points=False),
+        "bridge": lambda: ours(),
+        "default": lambda: ours(fast=False),
+        "hf": hf_plain,
+        "hf_sampling": lambda: ours(hf_sampling=True),
+    }
+    wanted = {"fast", *args.paths} - (set() if sample else {"hf_sampling"})
+    paths = {name: path for name, path in every.items() if name in wanted}
     for warm in paths.values():  # first calls pay extra
         n_tokens, args.new_tokens = args.new_tokens, 2
         warm()
@@ -246,27 +265,29 @@ def main() -> None:
         "mode": args.mode,
         "tokens_per_s": round(tokens_per_s, 2),
         "decode_tokens_per_s": round(decode_tokens / median([r[1] for r in runs["fast"]]), 2),
-        "default_cache_tokens_per_s": round(full_steps / wall["default"], 2),
-        "default_cache_decode_tokens_per_s": round(
-            decode_tokens / median([r[1] for r in runs["default"]]), 2
-        ),
-        "hf_tokens_per_s": round(full_steps / wall["hf"], 2),
         "roofline_tokens_per_s": round(roofline, 2),
         "roofline_fraction": round(tokens_per_s / roofline, 3),
         "roofline_decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s else None,
-        "speedup_vs_default_cache": round(wall["default"] / wall["fast"], 3),
-        "speedup_vs_hf": round(wall["hf"] / wall["fast"], 3),
-        **(
-            {
-                "hf_sampling_tokens_per_s": round(full_steps / wall["hf_sampling"], 2),
-                "speedup_vs_hf_sampling": round(wall["hf_sampling"] / wall["fast"], 3),
-            }
-            if sample
-            else {}
-        ),
-        "same_tokens_as_default_cache": all(
-            f[2] == d[2] for f, d in zip(runs["fast"], runs["default"], strict=True)
-        ),
+    }
+    named = {
+        "bridge": "bridge",
+        "default": "default_cache",
+        "hf": "hf",
+        "hf_sampling": "hf_sampling",
+    }
+    for path, key in named.items():
+        if path in runs:
+            out[f"{key}_tokens_per_s"] = round(full_steps / wall[path], 2)
+            out[f"speedup_vs_{key}"] = round(wall[path] / wall["fast"], 3)
+    for path in ("bridge", "default"):
+        if path in runs:
+            out[f"{named[path]}_decode_tokens_per_s"] = round(
+                decode_tokens / median([r[1] for r in runs[path]]), 2
+            )
+            out[f"same_tokens_as_{named[path]}"] = all(
+                f[2] == d[2] for f, d in zip(runs["fast"], runs[path], strict=True)
+            )
+    out |= {
         "peak_gflop_s": round(median(peaks), 1),
         "bandwidth_gb_s": round(median(bws), 2),
         "batch_size": len(prompts),
@@ -279,7 +300,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "load_average": {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)},
     }
-    if not sample:
+    if not sample and "hf" in runs:
         out["same_greedy_tokens_as_hf"] = all(
             f[2] == h[2] for f, h in zip(runs["fast"], runs["hf"], strict=True)
         )

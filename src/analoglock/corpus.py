@@ -32,12 +32,10 @@ from analoglock.model import cache_root, model_info
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("nucleus", "transformers")  # see generate_corpus
+DECODERS = ("hf_modules", "bridge")  # see generate_corpus
 BATCH_SEED_STRIDE = 100003  # > batches in any corpus (10^6 tokens is ~300), so seeds never collide
 PROMPT_VERSION = 1  # bump when the word lists or templates change: old files then refuse to resume
 MAX_EMPTY_BATCHES = 10  # consecutive batches with no text before we call the model broken
-STEP_HOOK = (
-    "hook_embed"  # fires once per forward pass of generation: the prompt, then each new token
-)
 LINE_FIELDS: dict[str, type] = {
     "id": str,
     "text": str,
@@ -110,6 +108,9 @@ class CorpusSettings:
     # how tokens are drawn (generation.nucleus_sample since 2026-11-30; files made before were
     # drawn by transformers' warpers: the same distribution, other draws for the same seed)
     sampler: str = "nucleus"
+    # what runs the model (the HF modules the bridge wraps since 2026-11-30, 05:00 UTC; files made
+    # before ran through the bridge: the same model, other rounding, so other draws at times)
+    decoder: str = "hf_modules"
 
 
 @dataclass(frozen=True)
@@ -223,13 +224,15 @@ def _check_settings(path: Path, settings: CorpusSettings, has_lines: bool) -> No
     if has_lines and meta.exists():
         stored = json.loads(meta.read_text(encoding="utf-8"))
         stored.setdefault("sampler", "transformers")  # made before the sampler was recorded
+        stored.setdefault("decoder", "bridge")  # made before the decoder was recorded
         diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}={old!r} (asked {new!r})" for k, (old, new) in diff.items())
             raise ValueError(
                 f"{path} was generated with other settings: {detail}. Pass the settings it was "
-                "made with to extend it (sampler=transformers for a file made before "
-                "2026-11-30), or another out_path for a new corpus."
+                "made with to extend it (a file that records no sampler or decoder was made "
+                "before they were recorded: sampler=transformers, decoder=bridge), or another "
+                "out_path for a new corpus."
             )
         return
     if has_lines:
@@ -248,13 +251,15 @@ def sample_batch(
     repetition_penalty: float = 1.0,
     on_step: Callable[[], None] | None = None,
     hf_sampling: bool = False,
+    hook_points: bool = False,
 ) -> list[dict[str, Any]]:
     """One batch's non-empty stories as rows `{"text", "prompt", "n_tokens", "batch"}`.
 
-    `on_step` is called once per decoding step (a hook that reads nothing and changes nothing).
+    Decoded with the Hugging Face modules the bridge wraps (`generate(hook_points=False)`:
+    nothing is hooked while a corpus is written), or through the bridge with `hook_points`.
+    `on_step` is called once per decoding step.
     """
     requests = batch_requests(seed, batch_index, batch_size)
-    hooks = [] if on_step is None else [(STEP_HOOK, lambda x, hook: on_step())]
     out = generate(
         model,
         [chat_prompt(model, r) for r in requests],
@@ -265,8 +270,9 @@ def sample_batch(
         repetition_penalty=repetition_penalty,
         seed=batch_seed(seed, batch_index),
         batch_size=batch_size,
-        fwd_hooks=hooks,
         hf_sampling=hf_sampling,
+        hook_points=hook_points,
+        on_step=on_step,
     )
     kept = [(r, c.strip()) for r, c in zip(requests, out.completions, strict=True) if c.strip()]
     if not kept:
@@ -318,10 +324,13 @@ class _StepBar:
         self.bar.close()
 
 
-def check_sampler(sampler: str) -> None:
-    """A clear error unless `sampler` is one of SAMPLERS (callers check before loading a model)."""
+def check_choices(sampler: str, decoder: str) -> None:
+    """A clear error unless `sampler` is one of SAMPLERS and `decoder` one of DECODERS (callers
+    check before loading a model)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
 
 
 def generate_corpus(
@@ -336,11 +345,14 @@ def generate_corpus(
     repetition_penalty: float = 1.1,
     progress: bool = True,
     sampler: str = "nucleus",
+    decoder: str = "hf_modules",
 ) -> Path:
     """Sample short stories into a JSONL file until it holds at least `n_tokens` story tokens.
 
     `sampler` is how tokens are drawn: "nucleus" (`generation.nucleus_sample`) or "transformers"
     (its own warpers; what files made before 2026-11-30 used, so they can be extended as made).
+    `decoder` is what runs the model: "hf_modules" (`generate(hook_points=False)`: faster, no hook
+    point runs) or "bridge" (what files that record no decoder were made with).
 
     Each line is `{"id", "text", "prompt", "n_tokens", "batch"}`; `n_tokens` counts the story's
     tokens without special tokens. An existing file is extended from its next batch (or returned
@@ -356,7 +368,7 @@ def generate_corpus(
         )
     if temperature <= 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    check_sampler(sampler)
+    check_choices(sampler, decoder)
     path = Path(out_path) if out_path is not None else default_corpus_path(model, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     settings = CorpusSettings(
@@ -368,6 +380,7 @@ def generate_corpus(
         top_p=float(top_p),
         repetition_penalty=float(repetition_penalty),
         sampler=sampler,
+        decoder=decoder,
     )
     state = _scan(path)
     _check_settings(path, settings, has_lines=state.n_lines > 0)
@@ -399,6 +412,7 @@ def generate_corpus(
                 repetition_penalty,
                 on_step=bar.on_step if progress else None,
                 hf_sampling=sampler == "transformers",
+                hook_points=decoder == "bridge",
             )
             lines = []
             for row in rows:

@@ -22,6 +22,11 @@ most likely tokens, sorting the whole vocabulary only for rows whose nucleus is 
 `generate` runs it as the last logits processor of a greedy decode, which marks the drawn token so
 that greedy's argmax picks it. The draws are other draws than transformers' (another sequence of
 random numbers), so sampled text differs for the same seed; greedy decoding is untouched.
+
+Decoding with nothing hooked (the corpus) need not go through the bridge at all:
+`generate(hook_points=False)` puts the Hugging Face modules the bridge wraps back into the model
+for the call (`hf_modules`), so no hook point runs and HF's own attention (SDPA) does, not the
+bridge's reimplementation that materialises every score for its hooks.
 """
 
 from __future__ import annotations
@@ -163,6 +168,54 @@ def _expanded_kv_cache(model, rows: int, capacity: int) -> Iterator[dict]:
             m.num_key_value_groups = n
 
 
+@contextmanager
+def hf_modules(model) -> Iterator[int]:
+    """The model with every module the bridge wraps swapped back for the Hugging Face module it
+    wraps (nested ones too: the linear layers inside attention), and with SDPA attention where
+    the model supports it; put back on exit, even on error. Yields how many modules it swapped.
+
+    Nothing of TransformerLens runs meanwhile: no hook point fires, whatever is attached to it.
+    """
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    hf = model.original_model
+    swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+
+    def walk(parent: torch.nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            inner = getattr(child, "original_component", None)
+            if isinstance(child, GeneralizedComponent) and isinstance(inner, torch.nn.Module):
+                swaps.append((parent, name, child))
+                walk(inner)
+            else:
+                walk(child)
+
+    walk(hf)
+    config = hf.config
+    attn = config._attn_implementation
+    try:
+        for parent, name, child in swaps:
+            setattr(parent, name, child.original_component)
+        if getattr(hf, "_supports_sdpa", False):
+            config._attn_implementation = "sdpa"
+        yield len(swaps)
+    finally:
+        config._attn_implementation = attn
+        for parent, name, child in reversed(swaps):
+            setattr(parent, name, child)
+
+
+class _OnStep(LogitsProcessor):
+    """Calls `fn` once per decoding step and leaves the scores alone (progress without hooks)."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.fn()
+        return scores
+
+
 def nucleus_sample(
     scores: torch.Tensor,
     temperature: float = 1.0,
@@ -279,6 +332,8 @@ def generate(
     progress: bool = False,
     fast_cache: bool = True,
     hf_sampling: bool = False,
+    hook_points: bool = True,
+    on_step: Callable[[], None] | None = None,
 ) -> Generation:
     """Greedy or sampled continuations of a batch of prompts, with `fwd_hooks` active throughout.
 
@@ -287,7 +342,15 @@ def generate(
     `fast_cache=False` decodes with transformers' default cache instead of `ExpandedKVCache`
     (same tokens; for comparison). Sampling draws with `nucleus_sample`; `hf_sampling=True`
     samples with transformers' own warpers instead (the same distribution, slower, other draws).
+    `hook_points=False` decodes with the Hugging Face modules the bridge wraps (`hf_modules`):
+    faster, nothing hooked can run, so `fwd_hooks` must be empty. `on_step` is called once per
+    decoding step (a progress bar's tick).
     """
+    if not hook_points and fwd_hooks:
+        raise ValueError(
+            "hook_points=False decodes without the bridge, so fwd_hooks would never run; pass "
+            "hook_points=True (the default) to decode with hooks."
+        )
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     check_lengths(
         model,
@@ -304,6 +367,9 @@ def generate(
     completions: list[str] = []
     new_tokens: list[list[int]] = []
     sampling = _sampling_kwargs(hf, do_sample, temperature, top_p, hf_sampling)
+    if on_step is not None:  # before the sampler, which must stay the last processor
+        sampling["logits_processor"] = [_OnStep(on_step), *sampling.get("logits_processor", [])]
+    modules = nullcontext if hook_points else hf_modules
     eos = tok.eos_token_id
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
@@ -314,7 +380,7 @@ def generate(
             device = model.cfg.device
             capacity = ids.shape[1] + max_new_tokens
             cache = _expanded_kv_cache(model, len(ids), capacity) if fast_cache else nullcontext({})
-            with model.hooks(fwd_hooks=list(fwd_hooks)), cache as cache_kwargs:
+            with modules(model), model.hooks(fwd_hooks=list(fwd_hooks)), cache as cache_kwargs:
                 out = hf.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),

@@ -136,11 +136,13 @@ def test_bench_decode(tiny_dir, tmp_path):
     assert keys <= set(out) and out["batch_size"] == 3 and out["n_runs"] == 1
     assert out["roofline_fraction"] > 0 and out["roofline_tokens_per_s"] > 0
     assert out["same_greedy_tokens_as_hf"] and out["same_tokens_as_default_cache"]
+    assert out["same_tokens_as_bridge"] and out["bridge_tokens_per_s"] > 0
     assert out["profile_ms_per_step"] and all(v >= 0 for v in out["profile_ms_per_step"].values())
     out = run_script("bench_decode.py", "--model", tiny_dir, "--batch-size", "3", "--new-tokens", "5",
-                     "--runs", "1", cwd=tmp_path)  # fmt: skip
-    assert out["mode"] == "sample" and out["same_tokens_as_default_cache"]
+                     "--runs", "1", "--paths", "bridge", "hf_sampling", cwd=tmp_path)  # fmt: skip
+    assert out["mode"] == "sample" and out["same_tokens_as_bridge"]
     assert out["hf_sampling_tokens_per_s"] > 0 and "same_greedy_tokens_as_hf" not in out
+    assert "default_cache_tokens_per_s" not in out and "hf_tokens_per_s" not in out  # not asked
 
 
 def test_bench_kernels(tmp_path):

@@ -89,17 +89,22 @@ def test_a_file_drawn_by_the_old_sampler_is_not_extended_with_the_new_one(
     old = tmp_path / "old.jsonl"
     old.write_bytes(reference.read_bytes())
     meta = json.loads(settings_path(reference).read_text())
-    assert meta["sampler"] == "nucleus"
-    del meta["sampler"]  # what a file made before 2026-11-30 records
+    assert (meta["sampler"], meta["decoder"]) == ("nucleus", "hf_modules")
+    del meta["sampler"], meta["decoder"]  # what a file made before 2026-11-30 records
     settings_path(old).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="sampler='transformers' \\(asked 'nucleus'\\)"):
         generate_corpus(tiny_model, 10_000, seed=0, out_path=old, **SMALL)
-    # drawn as it was made, it grows (transformers' own warpers)
+    with pytest.raises(ValueError, match="decoder='bridge' \\(asked 'hf_modules'\\)"):
+        generate_corpus(tiny_model, 10_000, seed=0, out_path=old, sampler="transformers", **SMALL)
+    # drawn as it was made, it grows (transformers' own warpers, through the bridge)
     n_before = len(texts(old))
-    generate_corpus(tiny_model, 400, seed=0, out_path=old, sampler="transformers", **SMALL)
+    generate_corpus(tiny_model, 400, seed=0, out_path=old, sampler="transformers",
+                    decoder="bridge", **SMALL)  # fmt: skip
     assert len(texts(old)) > n_before and json.loads(settings_path(old).read_text()) == meta
     with pytest.raises(ValueError, match="sampler must be one of"):
         generate_corpus(tiny_model, 400, seed=0, out_path=old, sampler="greedy", **SMALL)
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        generate_corpus(tiny_model, 400, seed=0, out_path=old, decoder="tl", **SMALL)
 
 
 def test_empty_completions_are_dropped(tiny_model, tmp_path, monkeypatch):

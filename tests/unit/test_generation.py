@@ -63,6 +63,37 @@ def test_falls_back_to_the_default_cache_when_it_does_not_fit(tiny_model, monkey
     assert fast.new_tokens == small.new_tokens
 
 
+def test_decoding_with_the_hf_modules_gives_the_bridges_tokens_and_puts_the_bridge_back(
+    tiny_model,
+):
+    import pytest
+
+    hf = tiny_model.original_model
+    attn = hf.model.layers[0].self_attn
+    seen: list[int] = []
+    steps: list[int] = []
+    hooks = [("hook_embed", lambda x, hook: seen.append(x.shape[1]))]
+    for kw in ({}, {"do_sample": True, "temperature": 0.9, "top_p": 0.9, "seed": 3}):
+        bridged = generate(tiny_model, PROMPTS, max_new_tokens=8, fwd_hooks=hooks, **kw)
+        steps.clear()
+        plain = generate(tiny_model, PROMPTS, max_new_tokens=8, hook_points=False,
+                         on_step=lambda: steps.append(1), **kw)  # fmt: skip
+        assert plain.new_tokens == bridged.new_tokens
+        assert len(steps) == 8  # one tick per new token
+    assert len(seen) == 2 * 8  # the bridged runs' hook: the prompt, then 7 steps, twice
+    # while decoding, nothing of the bridge is in the model; afterwards all of it is back
+    with generation.hf_modules(tiny_model) as n:
+        assert n > 0 and type(hf.model.layers[0].self_attn).__module__.startswith("transformers")
+        assert type(hf.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+        assert hf.config._attn_implementation == "sdpa"
+    assert hf.model.layers[0].self_attn is attn and hf.config._attn_implementation == "eager"
+    with pytest.raises(RuntimeError, match="boom"), generation.hf_modules(tiny_model):
+        raise RuntimeError("boom")
+    assert hf.model.layers[0].self_attn is attn
+    with pytest.raises(ValueError, match="fwd_hooks would never run"):
+        generate(tiny_model, PROMPTS, max_new_tokens=2, fwd_hooks=hooks, hook_points=False)
+
+
 def _transformers_distribution(scores, temperature, top_p, top_k):
     """The probabilities transformers samples from: its own warpers, in its own order."""
     from transformers.generation.logits_process import (

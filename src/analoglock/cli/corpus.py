@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from analoglock.cli._conf import CONF_PATH
-from analoglock.corpus import check_sampler, corpus_stats, default_corpus_path, generate_corpus
+from analoglock.corpus import check_choices, corpus_stats, default_corpus_path, generate_corpus
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base=None, config_path=CONF_PATH, config_name="corpus")
 def main(cfg: DictConfig) -> None:
     """Load the model from config, grow the corpus to `n_tokens`, print a one-line JSON summary."""
-    check_sampler(cfg.sampler)  # before the model loads
+    check_choices(cfg.sampler, cfg.decoder)  # before the model loads
     model = hydra.utils.instantiate(cfg.model)
     path = cfg.out_path or default_corpus_path(model, cfg.seed)
     _, before = corpus_stats(path)
@@ -38,6 +38,7 @@ def main(cfg: DictConfig) -> None:
         repetition_penalty=cfg.repetition_penalty,
         progress=cfg.get("progress", True),
         sampler=cfg.sampler,
+        decoder=cfg.decoder,
     )
     seconds = time.perf_counter() - t0
     n_docs, n_tokens = corpus_stats(path)
