@@ -71,7 +71,7 @@ def run_arm(
     measures are deterministic): asked again, under another name or by another lock run sharing
     the task, the numbers are reused under the new name and spec."""
 
-    def describe() -> dict[str, Any]:  # after measuring: a map's applied norm is measured then
+    def describe() -> dict[str, Any]:  # after generating: a map's applied norm is measured then
         return {**(steering.describe() if steering is not None else {}), **dict(spec or {})}
 
     key = _measure_key(task, steering, max_new_tokens, batch_size)
@@ -91,7 +91,7 @@ def run_arm(
         task.clean_neutral.update(steered_logprobs(model, rows, None, None, batch_size))
     result = ArmResult(
         name=name,
-        spec={},
+        spec=describe(),  # before the teacher-forced passes, which the map's hook also counts
         texts=gen.completions,
         new_tokens=gen.new_tokens,
         judge_score=domain_scores(emb, task.a_centroid, task.b_centroid),
@@ -104,7 +104,6 @@ def run_arm(
         ),
         neutral_kl=neutral_kl_values(model, task.neutral, steering, batch_size, task.clean_neutral),
     )
-    result.spec = describe()
     if key is not None:
         task.measured[key] = result
     return result
