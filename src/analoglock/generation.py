@@ -380,7 +380,8 @@ def generate(
             device = model.cfg.device
             capacity = ids.shape[1] + max_new_tokens
             cache = _expanded_kv_cache(model, len(ids), capacity) if fast_cache else nullcontext({})
-            with modules(model), model.hooks(fwd_hooks=list(fwd_hooks)), cache as cache_kwargs:
+            # the cache first: it finds the attention to tell through the bridge's modules
+            with cache as cache_kwargs, modules(model), model.hooks(fwd_hooks=list(fwd_hooks)):
                 out = hf.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
