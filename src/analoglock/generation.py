@@ -342,8 +342,8 @@ def generate(
     `fast_cache=False` decodes with transformers' default cache instead of `ExpandedKVCache`
     (same tokens; for comparison). Sampling draws with `nucleus_sample`; `hf_sampling=True`
     samples with transformers' own warpers instead (the same distribution, slower, other draws).
-    `hook_points=False` decodes with the Hugging Face modules the bridge wraps (`hf_modules`):
-    faster, nothing hooked can run, so `fwd_hooks` must be empty. `on_step` is called once per
+    `hook_points=False` decodes with the Hugging Face modules the bridge wraps (`hf_modules`) and
+    transformers' cache: faster, nothing hooked can run, so `fwd_hooks` must be empty. `on_step` is called once per
     decoding step (a progress bar's tick).
     """
     if not hook_points and fwd_hooks:
@@ -379,8 +379,11 @@ def generate(
             ids, mask = encode_prompts(model, prompts[start : start + batch_size])
             device = model.cfg.device
             capacity = ids.shape[1] + max_new_tokens
-            cache = _expanded_kv_cache(model, len(ids), capacity) if fast_cache else nullcontext({})
-            # the cache first: it finds the attention to tell through the bridge's modules
+            # The expanded cache serves the bridge's attention. HF's SDPA read it more slowly than
+            # transformers' own cache (measured: 1.02x over the bridge instead of 1.20x), so the
+            # HF modules keep transformers' cache.
+            fast = fast_cache and hook_points
+            cache = _expanded_kv_cache(model, len(ids), capacity) if fast else nullcontext({})
             with cache as cache_kwargs, modules(model), model.hooks(fwd_hooks=list(fwd_hooks)):
                 out = hf.generate(
                     input_ids=ids.to(device),

@@ -90,12 +90,13 @@ def test_decoding_with_the_hf_modules_gives_the_bridges_tokens_and_puts_the_brid
     with pytest.raises(RuntimeError, match="boom"), generation.hf_modules(tiny_model):
         raise RuntimeError("boom")
     assert hf.model.layers[0].self_attn is attn
-    # the HF modules decode with the expanded cache too (found through the bridge's modules)
+    # the HF modules decode with transformers' cache (their SDPA read the expanded one slower)
     calls = []
     original = hf.generate
     monkeypatch.setattr(hf, "generate", lambda **kw: calls.append(kw) or original(**kw))
     generate(tiny_model, PROMPTS, max_new_tokens=2, hook_points=False)
-    assert isinstance(calls[0].get("cache"), generation.ExpandedKVCache)
+    generate(tiny_model, PROMPTS, max_new_tokens=2)
+    assert "cache" not in calls[0] and isinstance(calls[1]["cache"], generation.ExpandedKVCache)
     with pytest.raises(ValueError, match="fwd_hooks would never run"):
         generate(tiny_model, PROMPTS, max_new_tokens=2, fwd_hooks=hooks, hook_points=False)
 
