@@ -343,8 +343,8 @@ def generate(
     (same tokens; for comparison). Sampling draws with `nucleus_sample`; `hf_sampling=True`
     samples with transformers' own warpers instead (the same distribution, slower, other draws).
     `hook_points=False` decodes with the Hugging Face modules the bridge wraps (`hf_modules`) and
-    transformers' cache: faster, nothing hooked can run, so `fwd_hooks` must be empty. `on_step` is called once per
-    decoding step (a progress bar's tick).
+    transformers' cache: faster, nothing hooked can run, so `fwd_hooks` must be empty. `on_step`
+    is called once per decoding step (a progress bar's tick).
     """
     if not hook_points and fwd_hooks:
         raise ValueError(
