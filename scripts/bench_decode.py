@@ -2,11 +2,13 @@
 
 Prints ONE JSON object:
 - `tokens_per_s`: new tokens per second of `analoglock.generation.generate` as the corpus calls
-  it: `hook_points=False` (the Hugging Face modules the bridge wraps, SDPA attention), a progress
-  tick per step, `ExpandedKVCache`, `nucleus_sample`; whole call (prefill + decoding steps).
+  it: `hook_points=False` (the Hugging Face modules the bridge wraps, SDPA attention,
+  transformers' cache), a progress tick per step, `nucleus_sample`; whole call (prefill +
+  decoding steps).
   `decode_tokens_per_s`: the decoding steps alone.
 - `bridge_tokens_per_s`: the same call through the bridge (hook points live, one no-op hook on
-  `hook_embed`): what decoding with hooks (steering) pays; the corpus's path before 2026-11-30.
+  `hook_embed`, `ExpandedKVCache`): what decoding with hooks (steering) pays; the corpus's path
+  before 2026-11-30.
 - `default_cache_tokens_per_s`: the bridge with transformers' default cache (the path before
   `ExpandedKVCache`).
 - `hf_sampling_tokens_per_s` (sample mode): the bridge sampling with transformers' own warpers
@@ -188,8 +190,11 @@ def main() -> None:
     settings = {"do_sample": True, **CORPUS_SAMPLING} if sample else {"do_sample": False}
     steps: list[float] = []
 
-    def on_embed(x, hook):  # a progress hook on the bridge: reads nothing, changes nothing
+    def tick() -> None:
         steps.append(time.perf_counter())
+
+    def on_embed(x, hook):  # a progress hook on the bridge: reads nothing, changes nothing
+        tick()
         return x
 
     def ours(fast: bool = True, hf_sampling: bool = False, hook_points: bool = True):
@@ -198,7 +203,7 @@ def main() -> None:
         if hook_points:  # the hook fires at the start of each forward: decoding from the 2nd
             kw, first = {"fwd_hooks": [("hook_embed", on_embed)]}, 1
         else:  # the tick comes after each forward's logits: decoding from the 1st
-            kw, first = {"hook_points": False, "on_step": lambda: on_embed(None, None)}, 0
+            kw, first = {"hook_points": False, "on_step": tick}, 0
         t = time.perf_counter()
         out = generate(model, prompts, max_new_tokens=args.new_tokens, seed=args.seed,
                        batch_size=args.batch_size, fast_cache=fast, hf_sampling=hf_sampling,

@@ -100,12 +100,14 @@ def select(args, base: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]
     from analoglock.lock.train import fit
     from analoglock.paired import concat_hooks, paired_activations
 
-    def hook_of(layer: int) -> str:
+    def hook_of(layer: int | str) -> str:
         return f"blocks.{layer}.hook_resid_post"
 
-    sets = [[int(x) for x in s.split(",")] for s in args.layer_sets]
     hooks = [hook_of(layer) for layer in args.layers]
-    needed = sorted({*hooks, *(hook_of(layer) for ls in sets for layer in ls)})
+    # several layers at once, by name: "blocks.16+20.hook_resid_post" -> [16, 20]
+    layer_sets = [[int(x) for x in s.split(",")] for s in args.layer_sets]
+    sets = {hook_of("+".join(map(str, ls))): ls for ls in layer_sets}
+    needed = sorted({*hooks, *(hook_of(layer) for ls in sets.values() for layer in ls)})
     cfg0 = compose([*base, f"hook={hooks[0]}", "run_name=select", "out_dir=unused"])
     model = hydra.utils.instantiate(cfg0.model)
     pairs = {
@@ -113,11 +115,10 @@ def select(args, base: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]
         for h in needed
     }
     del model
-    for ls in sets:  # several layers at once: "blocks.16+20.hook_resid_post"
-        name = hook_of("+".join(map(str, ls)))
+    for name, ls in sets.items():
         pairs[name] = concat_hooks([pairs[hook_of(layer)] for layer in ls])
     table = []
-    for hook in [*hooks, *(hook_of("+".join(map(str, ls))) for ls in sets)]:
+    for hook in [*hooks, *sets]:
         paired = pairs[hook]
         train_part = paired.subset("train")
         center = torch.cat([train_part.a, train_part.b]).mean(0)

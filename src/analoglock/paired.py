@@ -148,12 +148,12 @@ def concat_hooks(parts: Sequence[PairedActivations]) -> PairedActivations:
                 f"part {k} holds other rows than part 0 ({len(p)} vs {len(first)} rows, or another "
                 "order): pool every hook from the same harvest with the same views."
             )
-    train = [i for i, s in enumerate(first.split) if s == "train"]
-    if not train:
+    if "train" not in first.split:
         raise ValueError("concat_hooks scales each hook by its train rows, and there are none")
     blocks_a, blocks_b = [], []
     for p in parts:
-        rows = torch.cat([p.a[train], p.b[train]])
+        train = p.subset("train")
+        rows = torch.cat([train.a, train.b])
         rms = rows.pow(2).sum(-1).mean().sqrt().clamp(min=1e-12)
         blocks_a.append(p.a / rms)
         blocks_b.append(p.b / rms)
