@@ -43,6 +43,7 @@ _API = {
     "train_lock": ("analoglock.lock.train", "train"),
     "load_artifact": "analoglock.lock.export",
     "map_steering": "analoglock.lock.steering.hooks",
+    "combined_steering": "analoglock.lock.steering.hooks",
     "vector_steering": "analoglock.lock.steering.hooks",
     "run_steering": "analoglock.lock.steering.evaluate",
     "exact_effects": "analoglock.patching.exact",

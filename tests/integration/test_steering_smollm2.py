@@ -17,7 +17,6 @@ from analoglock.lock.steering import (
     covariance_directions,
     evaluate_test,
     map_steering,
-    position_mask,
     role_token_positions,
     steered_generate,
     steered_logprobs,
@@ -116,10 +115,11 @@ def test_controls_have_the_lock_norm_declared_and_measured(smollm2, artifact):
     # Measured: each random direction moves every steered residual by exactly that norm.
     ids = torch.tensor(encode_texts(smollm2, [task.prompts[0].text]))
     n = ids.shape[1]
-    mask = position_mask("prompt", [RowPositions(n, n)], n, "right")
     clean = _residual(smollm2, ids, [])
     for z in covariance_directions(artifact.vectors["cov_a"], 3, norm, opts.seed):
         s = vector_steering(smollm2, HOOK, z, 1.0, "prompt")
-        moved = (_residual(smollm2, ids, s.hooks(mask)) - clean)[0].norm(dim=-1)
+        moved = (_residual(smollm2, ids, s.hooks([RowPositions(n, n)], n, "right")) - clean)[
+            0
+        ].norm(dim=-1)
         assert moved[0] == 0  # BOS is never steered
         torch.testing.assert_close(moved[1:], torch.full((n - 1,), norm), rtol=1e-4, atol=1e-4)

@@ -10,6 +10,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -182,6 +183,21 @@ def test_bench_lock(tiny_dir, tmp_path, monkeypatch):
     assert [r["steerable"] for r in sel["table"]] == [True, True, False]
     assert all(0 <= row["val_top1_assign"] <= 1 for row in sel["table"])  # the analogy in a pair
     assert "top1_assign" in out["test_role_retrieval"]["0"]["learned"]
+    # the lock's map plus the mean difference, on one of the seeds just trained
+    both = run_script("steer_combined.py", str(tmp_path / "bench" / "seed0"), "--model", tiny_dir,
+                      "--split", "train", "--ref-split", "validation", "--n-prompts", "2",
+                      "--alpha", "1", "--scale", "2", "4", "--max-new-tokens", "4", "--threads", "1",
+                      "--n-boot", "50", cwd=tmp_path)  # fmt: skip
+    arms = [r["arm"] for r in both["rows"]]
+    assert arms == ["unsteered", "meandiff_2", "meandiff_4", "lock_1", "lock_1+meandiff_2",
+                    "lock_1+meandiff_4", "control_1+meandiff_2", "control_1+meandiff_4"]  # fmt: skip
+    assert set(both["above_meandiff_curve"]) == set(both["paired"]) == {a for a in arms if "+" in a}
+    curve = sorted((r["judge_shift"], r["analogue_mrr"]) for r in both["rows"][:3])
+    for r in both["rows"][4:]:  # above the curve = MRR minus the curve's, linear, clamped
+        want = r["analogue_mrr"] - np.interp(r["judge_shift"], *zip(*curve, strict=True))
+        assert both["above_meandiff_curve"][r["arm"]] == pytest.approx(want)
+    cell = both["paired"]["lock_1+meandiff_2"]["analogue_mrr"]
+    assert cell["lo"] <= cell["hi"]
 
 
 def test_retell_by_prompting(tiny_dir, tmp_path):

@@ -14,6 +14,7 @@ from analoglock.lock.steering import (
     SteeringError,
     add_vector_hook,
     apply_map_hook,
+    combined_steering,
     covariance_directions,
     map_steering,
     position_mask,
@@ -196,7 +197,7 @@ def test_role_steering_adds_the_vector_at_exactly_the_role_tokens(tiny_model, ve
     seen = []
     width = max(len(r) for r in rows)
     mask = position_mask("roles", where, width, "right")
-    fn = s.hooks(mask)[0][1]
+    fn = s.hooks(where, width, "right")[0][1]
     x = torch.randn(len(rows), width, 64)
     out = fn(x)
     delta = (out - x).norm(dim=-1) > 0
@@ -206,6 +207,42 @@ def test_role_steering_adds_the_vector_at_exactly_the_role_tokens(tiny_model, ve
         seen += words
         assert set(words) <= set(ROLES)
     assert {"tortoise", "hare", "fox"} <= set(seen)
+
+
+def test_combined_steering_maps_the_role_tokens_then_adds_the_vector_everywhere(
+    tiny_model, vector, mapper
+):
+    rows = encode_texts(tiny_model, PROMPTS)
+    roles = roles_of(tiny_model)
+    where = [RowPositions(len(r), len(r), roles[i]) for i, r in enumerate(rows)]
+    width = max(len(r) for r in rows)
+    both = combined_steering(
+        map_steering(tiny_model, mapper, HOOK, 0.5, "roles"),
+        vector_steering(tiny_model, HOOK, vector, 2.0, "all"),
+    )
+    hooks = both.hooks(where, width, "right")
+    assert [h for h, _ in hooks] == [HOOK, HOOK]
+    x = torch.randn(len(rows), width, 64)
+    out = x
+    for _, fn in hooks:
+        out = fn(out)
+    at_roles = position_mask("roles", where, width, "right")
+    everywhere = position_mask("all", where, width, "right")  # every token but the BOS
+    want = x.clone()
+    want[at_roles] = x[at_roles] + 0.5 * (mapper(x[at_roles]) - x[at_roles])
+    want = want + everywhere.unsqueeze(-1) * (2.0 * vector)
+    torch.testing.assert_close(out, want)
+    assert both.describe()["parts"][1] == {
+        "kind": "vector", "hook": HOOK, "positions": "all", "scale": 2.0,
+        "norm": pytest.approx(2.0 * float(vector.norm())),
+    }  # fmt: skip
+    assert combined_steering(both, both).parts == both.parts * 2  # sums flatten
+    with pytest.raises(SteeringError, match="at least two"):
+        combined_steering(vector_steering(tiny_model, HOOK, vector, 1.0))
+    # generating under the sum runs both hooks (the map's own counter sees the role rows)
+    before = both.parts[0].stats["n"]
+    steered_generate(tiny_model, PROMPTS, both, roles, max_new_tokens=2)
+    assert both.parts[0].stats["n"] - before == sum(len(r) for r in roles) > 0
 
 
 @pytest.mark.parametrize("positions", POSITIONS)

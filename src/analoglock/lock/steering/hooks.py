@@ -223,18 +223,24 @@ def steer(model, hook: str, fn: Callable) -> Iterator[Any]:
 @dataclass(frozen=True)
 class Steering:
     """One intervention, checked: a vector (`x + strength * vector`) or a map
-    (`x + strength * (M(x) - x)`) at `hook`, on the tokens `positions` names."""
+    (`x + strength * (M(x) - x)`) at `hook`, on the tokens `positions` names; or a sum of such
+    interventions (`parts`, applied in order, each on its own positions; `combined_steering`)."""
 
-    kind: str  # "vector" | "map"
+    kind: str  # "vector" | "map" | "sum"
     hook: str
     positions: str
     strength: float  # the vector's scale, or the map's alpha
     vector: Tensor | None = None
     mapper: torch.nn.Module | None = None
     stats: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
+    parts: tuple[Steering, ...] = ()
 
-    def hooks(self, mask: Annotated[Tensor, "batch pos"] | None) -> list[Hook]:
-        """Fresh hooks for one forward pass or one generation call over a batch with `mask`."""
+    def hooks(self, rows: Sequence[RowPositions], width: int, side: str) -> list[Hook]:
+        """Fresh hooks for one forward pass or one generation call over a batch of `rows`
+        padded on `side` to `width` (each part masks its own positions)."""
+        if self.kind == "sum":
+            return [h for part in self.parts for h in part.hooks(rows, width, side)]
+        mask = position_mask(self.positions, rows, width, side)
         if self.kind == "vector":
             return [(self.hook, add_vector_hook(self.vector, self.strength, self.positions, mask))]
         fn = apply_map_hook(self.mapper, self.strength, self.positions, mask, self.stats)
@@ -242,17 +248,30 @@ class Steering:
 
     @property
     def norm(self) -> float | None:
-        """||scale * vector|| for a vector; None for a map (its displacement depends on x)."""
+        """||scale * vector|| for a vector; None for a map or a sum (a map's displacement depends
+        on x)."""
         return abs(self.strength) * float(self.vector.norm()) if self.kind == "vector" else None
 
     def describe(self) -> dict[str, Any]:
-        """Plain JSON: kind, hook, positions, strength (as alpha or scale), norm."""
+        """Plain JSON: kind, hook, positions, strength (as alpha or scale), norm; a sum: its parts."""
+        if self.kind == "sum":
+            return {"kind": "sum", "parts": [part.describe() for part in self.parts]}
         out: dict[str, Any] = {"kind": self.kind, "hook": self.hook, "positions": self.positions}
         out["alpha" if self.kind == "map" else "scale"] = self.strength
         out["norm"] = self.norm
         if self.kind == "map" and self.stats.get("n"):
             out["applied_norm"] = self.stats["norm_sum"] / self.stats["n"]
         return out
+
+
+def combined_steering(*parts: Steering) -> Steering:
+    """The interventions `parts` at once, applied in the order given (a map first sees the
+    unsteered activations it was fit on); e.g. a map at the role tokens plus a vector everywhere."""
+    flat = [q for p in parts for q in (p.parts if p.kind == "sum" else (p,))]
+    if len(flat) < 2:
+        raise SteeringError("combined_steering needs at least two interventions to add up.")
+    first = flat[0]
+    return Steering("sum", first.hook, first.positions, 1.0, parts=tuple(flat))
 
 
 def _check_strength(name: str, value: float) -> float:
@@ -364,7 +383,7 @@ def steered_generate(
         if steering is not None:
             lengths = [len(ids) for ids in encode_texts(model, chunk)]
             rows = [RowPositions(n, n, roles[start + i], skip) for i, n in enumerate(lengths)]
-            hooks = steering.hooks(position_mask(steering.positions, rows, max(lengths), "left"))
+            hooks = steering.hooks(rows, max(lengths), "left")
         gen = generate(
             model, chunk, max_new_tokens=max_new_tokens, fwd_hooks=hooks, batch_size=len(chunk)
         )
@@ -404,7 +423,7 @@ def steered_logits(
                 if positions is not None
                 else [RowPositions(len(r), len(r), (), skip) for r in batch]
             )
-            hooks = steering.hooks(position_mask(steering.positions, where, ids.shape[1], "right"))
+            hooks = steering.hooks(where, ids.shape[1], "right")
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             logits = model(ids.to(device), attention_mask=attn.to(device))
         for k, (i, r) in enumerate(zip(index, batch, strict=True)):
@@ -471,6 +490,7 @@ __all__ = [
     "add_vector_hook",
     "apply_map_hook",
     "check_positions",
+    "combined_steering",
     "covariance_directions",
     "map_steering",
     "position_mask",
