@@ -124,9 +124,7 @@ def main(argv=None) -> dict:
         "hook": hook,
         "map_positions": pos,
         "rows": rows,
-        "above_meandiff_curve": {
-            r["arm"]: curve_gap(r, curve) for r in rows if r["arm"] in sums
-        },
+        "above_meandiff_curve": {r["arm"]: curve_gap(r, curve) for r in rows if r["arm"] in sums},
         "paired": paired,
         "texts": {name: r.texts[:3] for name, r in results.items()},
     }
