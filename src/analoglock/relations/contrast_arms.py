@@ -33,6 +33,7 @@ from torch import Tensor
 
 from analoglock.data import Document
 from analoglock.lock.steering.hooks import (
+    RowPositions,
     Steering,
     steered_generate,
     steered_logprobs,
@@ -91,9 +92,9 @@ class LayeredSteering:
         """The positions rule every part shares."""
         return self.parts[0].positions
 
-    def hooks(self, mask: Tensor | None) -> list:
-        """Fresh hooks of every part for one pass over a batch with `mask`."""
-        return [h for p in self.parts for h in p.hooks(mask)]
+    def hooks(self, rows: Sequence[RowPositions], width: int, side: str) -> list:
+        """Fresh hooks of every part for one pass over a batch of `rows` padded on `side`."""
+        return [h for p in self.parts for h in p.hooks(rows, width, side)]
 
     @property
     def norm(self) -> float:
