@@ -115,7 +115,10 @@ def main(argv=None) -> dict:
     paired = {}
     for name in sums:
         ref = name.split("+")[1]
-        out = summarize(results, reference=ref, compare=[name], n_boot=args.n_boot)
+        # only the two arms (and the base): summarize bootstraps every arm it is given, and its
+        # resampling indices are drawn before any arm, so the pair's numbers are the same
+        pair = {"unsteered": base, ref: results[ref], name: results[name]}
+        out = summarize(pair, reference=ref, compare=[name], n_boot=args.n_boot)
         paired[name] = out["paired"][f"{name}_vs_{ref}"]
     result = {
         "ckpt": args.ckpt,
