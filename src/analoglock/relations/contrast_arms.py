@@ -1,6 +1,6 @@
 """One contrast-steering arm, measured, and the statistics over arms.
 
-Owns the measures (`MEASURES`), one steering of several layers at once (`LayeredSteering`), what
+Owns the measures (`MEASURES`), one steering of several layers at once (`layered`), what
 a continuation is scored with (`Readout`) and on which prompts (`Task`), one arm's per-prompt
 values (`run_arm` -> `ArmValues`), and their summaries: point values, bootstrap intervals over
 prompts, paired differences against the mean difference, empirical p-values against random
@@ -33,8 +33,8 @@ from torch import Tensor
 
 from analoglock.data import Document
 from analoglock.lock.steering.hooks import (
-    RowPositions,
     Steering,
+    combined_steering,
     steered_generate,
     steered_logprobs,
     vector_steering,
@@ -80,46 +80,11 @@ MEASURES: dict[str, Measure] = {
 # ---------------------------------------------------------------- one steering, several layers
 
 
-@dataclass(frozen=True)
-class LayeredSteering:
-    """Vectors at several hooks added at once (`x + scale v_h` at each, on the same positions), as
-    a multi-layer control vector acts; used wherever generation and scoring take a `Steering`."""
-
-    parts: tuple[Steering, ...]
-
-    @property
-    def positions(self) -> str:
-        """The positions rule every part shares."""
-        return self.parts[0].positions
-
-    def hooks(self, rows: Sequence[RowPositions], width: int, side: str) -> list:
-        """Fresh hooks of every part for one pass over a batch of `rows` padded on `side`."""
-        return [h for p in self.parts for h in p.hooks(rows, width, side)]
-
-    @property
-    def norm(self) -> float:
-        """The norm of the whole push: sqrt of the sum over hooks of ||scale v_h||^2."""
-        return math.sqrt(sum(float(p.norm) ** 2 for p in self.parts))
-
-    def describe(self) -> dict[str, Any]:
-        """Plain JSON: hooks, positions, scale, norm (total and per hook)."""
-        return {
-            "kind": "vector",
-            "hooks": [p.hook for p in self.parts],
-            "positions": self.positions,
-            "scale": self.parts[0].strength,
-            "norm": self.norm,
-            "norms": {p.hook: p.norm for p in self.parts},
-        }
-
-
-def layered(
-    model, vectors: Mapping[str, Tensor], scale: float, positions: str = "all"
-) -> LayeredSteering:
-    """`x + scale v_h` at every hook h of `vectors` (each checked as `vector_steering` checks)."""
-    return LayeredSteering(
-        tuple(vector_steering(model, h, v, scale, positions) for h, v in vectors.items())
-    )
+def layered(model, vectors: Mapping[str, Tensor], scale: float, positions: str = "all") -> Steering:
+    """`x + scale v_h` at every hook h of `vectors` at once, on the same positions, as a
+    multi-layer control vector acts (each checked as `vector_steering` checks)."""
+    parts = [vector_steering(model, h, v, scale, positions) for h, v in vectors.items()]
+    return combined_steering(*parts)
 
 
 # ---------------------------------------------------------------- measuring one arm
@@ -190,7 +155,7 @@ def concept_scores(
 def run_arm(
     model,
     task: Task,
-    steering: LayeredSteering | None,
+    steering: Steering | None,
     readout: Readout,
     name: str,
     max_new_tokens: int,
@@ -324,7 +289,6 @@ __all__ = [
     "MEASURES",
     "REFERENCE",
     "ArmValues",
-    "LayeredSteering",
     "Measure",
     "Readout",
     "Task",

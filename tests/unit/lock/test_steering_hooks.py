@@ -3,6 +3,8 @@ positions, generation and teacher forcing agreeing, refusals before anything run
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -237,8 +239,9 @@ def test_combined_steering_maps_the_role_tokens_then_adds_the_vector_everywhere(
         "norm": pytest.approx(2.0 * float(vector.norm())),
     }  # fmt: skip
     assert combined_steering(both, both).parts == both.parts * 2  # sums flatten
-    with pytest.raises(SteeringError, match="at least two"):
-        combined_steering(vector_steering(tiny_model, HOOK, vector, 1.0))
+    assert both.norm is None and "scale" not in both.describe()  # a map's push depends on x
+    with pytest.raises(SteeringError, match="at least one"):
+        combined_steering()
     # generating under the sum runs both hooks (the map's own counter sees the role rows)
     before = both.parts[0].stats["n"]
     steered_generate(tiny_model, PROMPTS, both, roles, max_new_tokens=2)
@@ -352,3 +355,17 @@ def test_covariance_directions_follow_the_covariance_at_the_given_norm():
         covariance_directions(torch.ones(3, 4), 2, 1.0)
     with pytest.raises(SteeringError, match="no variance"):
         covariance_directions(torch.zeros(4, 4), 2, 1.0)
+
+
+def test_a_sum_of_vectors_has_the_norm_of_its_whole_push(tiny_model, vector):
+    """Per hook the vectors add (two at one hook: the norm of their sum, not of the parts); over
+    hooks the squared norms add, as a multi-layer control vector's."""
+    other = "blocks.0.hook_resid_post"
+    a = vector_steering(tiny_model, HOOK, vector, 2.0)
+    same = combined_steering(a, vector_steering(tiny_model, HOOK, -vector, 1.0))
+    assert same.norm == pytest.approx(float(vector.norm()))
+    layers = combined_steering(a, vector_steering(tiny_model, other, vector, 2.0))
+    assert layers.norm == pytest.approx(math.sqrt(2) * 2.0 * float(vector.norm()))
+    d = layers.describe()
+    assert (d["kind"], d["hooks"], d["scale"], d["positions"]) == ("sum", [HOOK, other], 2.0, "all")
+    assert combined_steering(a).norm == pytest.approx(a.norm)  # one layer is a one-part sum

@@ -248,15 +248,31 @@ class Steering:
 
     @property
     def norm(self) -> float | None:
-        """||scale * vector|| for a vector; None for a map or a sum (a map's displacement depends
-        on x)."""
-        return abs(self.strength) * float(self.vector.norm()) if self.kind == "vector" else None
+        """||scale * vector|| for a vector; None for a map (its displacement depends on x). A sum of
+        vectors: the norm of the whole push at a token every part steers, sqrt over hooks of
+        ||sum of the vectors at that hook||^2 (a multi-layer control vector's norm); None with a
+        map among its parts."""
+        if self.kind == "vector":
+            return abs(self.strength) * float(self.vector.norm())
+        if self.kind == "map" or any(p.kind == "map" for p in self.parts):
+            return None
+        at: dict[str, Tensor] = {}
+        for p in self.parts:
+            at[p.hook] = at.get(p.hook, 0.0) + p.strength * p.vector.double()
+        return math.sqrt(sum(float(v.norm()) ** 2 for v in at.values()))
 
     def describe(self) -> dict[str, Any]:
-        """Plain JSON: kind, hook, positions, strength (as alpha or scale), norm; a sum: its parts."""
+        """Plain JSON: kind, hook, positions, strength (as alpha or scale), norm. A sum: its hooks,
+        norm and parts, and the scale and positions its parts share, if they share them."""
         if self.kind == "sum":
-            return {"kind": "sum", "parts": [part.describe() for part in self.parts]}
-        out: dict[str, Any] = {"kind": self.kind, "hook": self.hook, "positions": self.positions}
+            out = {"kind": "sum", "hooks": list(dict.fromkeys(p.hook for p in self.parts))}
+            for key, values in (("positions", {p.positions for p in self.parts}),
+                                ("scale", {p.strength for p in self.parts})):  # fmt: skip
+                if len(values) == 1 and all(p.kind == "vector" for p in self.parts):
+                    out[key] = values.pop()
+            out["norm"] = self.norm
+            return {**out, "parts": [part.describe() for part in self.parts]}
+        out = {"kind": self.kind, "hook": self.hook, "positions": self.positions}
         out["alpha" if self.kind == "map" else "scale"] = self.strength
         out["norm"] = self.norm
         if self.kind == "map" and self.stats.get("n"):
@@ -266,12 +282,13 @@ class Steering:
 
 def combined_steering(*parts: Steering) -> Steering:
     """The interventions `parts` at once, applied in the order given (a map first sees the
-    unsteered activations it was fit on); e.g. a map at the role tokens plus a vector everywhere."""
+    unsteered activations it was fit on): a map at the role tokens plus a vector everywhere, or
+    one vector at each of several layers. Sums flatten; a sum has no single hook, positions or
+    strength (its fields are empty: `describe` gives what its parts share)."""
     flat = [q for p in parts for q in (p.parts if p.kind == "sum" else (p,))]
-    if len(flat) < 2:
-        raise SteeringError("combined_steering needs at least two interventions to add up.")
-    first = flat[0]
-    return Steering("sum", first.hook, first.positions, 1.0, parts=tuple(flat))
+    if not flat:
+        raise SteeringError("combined_steering needs at least one intervention.")
+    return Steering("sum", "", "", math.nan, parts=tuple(flat))
 
 
 def _check_strength(name: str, value: float) -> float:
