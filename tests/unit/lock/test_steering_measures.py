@@ -10,7 +10,6 @@ import torch
 from analoglock.generation import encode_prompts
 from analoglock.lock.steering import (
     RoleItem,
-    add_vector_hook,
     chance_mrr,
     continuation_perplexity,
     cosine_ranks,
@@ -38,10 +37,12 @@ def vector():
     return torch.randn(64, generator=torch.Generator().manual_seed(1))
 
 
-def test_neutral_kl_zero_without_hooks_positive_with_a_large_vector(tiny_model, vector):
-    assert neutral_kl(tiny_model, NEUTRAL, []) == 0.0
-    assert neutral_kl(tiny_model, NEUTRAL, [(HOOK, add_vector_hook(vector, 0.0))]) == 0.0
-    assert neutral_kl(tiny_model, NEUTRAL, [(HOOK, add_vector_hook(vector, 20.0))]) > 1e-3
+def test_neutral_kl_zero_unsteered_or_at_scale_zero_positive_with_a_large_vector(
+    tiny_model, vector
+):
+    assert neutral_kl(tiny_model, NEUTRAL, None) == 0.0
+    assert neutral_kl(tiny_model, NEUTRAL, vector_steering(tiny_model, HOOK, vector, 0.0)) == 0.0
+    assert neutral_kl(tiny_model, NEUTRAL, vector_steering(tiny_model, HOOK, vector, 20.0)) > 1e-3
 
 
 def test_neutral_kl_values_per_prompt(tiny_model, vector):
@@ -50,10 +51,14 @@ def test_neutral_kl_values_per_prompt(tiny_model, vector):
     big = vector_steering(tiny_model, HOOK, vector, 20.0, "all")
     values = neutral_kl_values(tiny_model, NEUTRAL, big)
     assert values.shape == (2,) and (values > 1e-3).all()
-    # "all" here adds at every token but the BOS, as neutral_kl with a BOS-free hook would.
-    assert float(values.mean()) == pytest.approx(
-        neutral_kl(tiny_model, NEUTRAL, [(HOOK, _skip_bos(vector, 20.0))]), rel=1e-4
-    )
+    # "all" adds at every token but the BOS: by hand, one unpadded prompt at a time.
+    for k, ids in enumerate(encode_texts(tiny_model, NEUTRAL)):
+        x = torch.tensor([ids])
+        logp = torch.log_softmax(tiny_model(x)[0].float(), -1)
+        with tiny_model.hooks(fwd_hooks=[(HOOK, _skip_bos(vector, 20.0))]):
+            logq = torch.log_softmax(tiny_model(x)[0].float(), -1)
+        expected = (logp.exp() * (logp - logq)).sum(-1).mean()
+        assert float(values[k]) == pytest.approx(float(expected), rel=1e-4)
     roles = vector_steering(tiny_model, HOOK, vector, 20.0, "roles")
     assert torch.equal(neutral_kl_values(tiny_model, NEUTRAL, roles), torch.zeros(2))
 
@@ -79,14 +84,24 @@ def test_continuation_perplexity_matches_hand_computation(tiny_model):
     assert math.isnan(float(continuation_perplexity(tiny_model, [[]])[0]))
 
 
-def test_domain_mass_matches_hand_computation(tiny_model):
+def test_domain_mass_matches_hand_computation(tiny_model, vector):
     vocab_a, vocab_b = torch.tensor([500, 501]), torch.tensor([700])
     cont = [900, 901, 902]
-    got = domain_mass(tiny_model, PROMPTS[:1], [cont], vocab_a, vocab_b)
     prompt = encode_prompts(tiny_model, PROMPTS[:1])[0][0].tolist()
-    p = torch.softmax(tiny_model(torch.tensor([prompt + cont]))[0].float(), -1)[len(prompt) - 1 :]
-    expected = (p[:, vocab_b].sum(-1) - p[:, vocab_a].sum(-1)).mean()
-    torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-7)
+    x = torch.tensor([prompt + cont])
+    for steering, hooks in (
+        (None, []),
+        (vector_steering(tiny_model, HOOK, vector, 5.0, "all"), [(HOOK, _skip_bos(vector, 5.0))]),
+    ):
+        got = domain_mass(tiny_model, PROMPTS[:1], [cont], vocab_a, vocab_b, steering)
+        with tiny_model.hooks(fwd_hooks=hooks):
+            p = torch.softmax(tiny_model(x)[0].float(), -1)[len(prompt) - 1 :]
+        expected = (p[:, vocab_b].sum(-1) - p[:, vocab_a].sum(-1)).mean()
+        torch.testing.assert_close(got[0], expected, rtol=1e-5, atol=1e-7)
+    unsteered = domain_mass(tiny_model, PROMPTS[:1], [cont], vocab_a, vocab_b)
+    assert not torch.equal(got, unsteered)  # the steered case above measured something else
+    with pytest.raises(ValueError, match="role-position lists"):
+        domain_mass(tiny_model, PROMPTS[:1], [cont], vocab_a, vocab_b, None, roles=[[1], [2]])
 
 
 def test_distinct_n_and_loops():

@@ -19,14 +19,13 @@ import torch
 from torch import Tensor
 
 from analoglock.lock.steering.hooks import (
-    Hook,
     RowPositions,
     Steering,
     steered_logits,
     steered_logprobs,
 )
 from analoglock.lock.steering.prompts import RoleItem, role_token_positions
-from analoglock.tokens import encode_texts, pad_ids, prepend_bos_id
+from analoglock.tokens import encode_texts, prepend_bos_id
 
 LOOP_N = 4  # a loop repeats some 4-gram; shorter repeats are common in plain prose
 LOOP_MIN_COUNT = 3  # ... at least three times in one continuation
@@ -194,34 +193,12 @@ def neutral_kl_values(
     return out
 
 
-def _teacher_forced(
-    model, rows: Sequence[Sequence[int]], fwd_hooks: Sequence[Hook], batch_size: int
-):
-    """(row index, float32 log-probs) under fixed hooks, right-padded (see `steered_logprobs`)."""
-    pad = model.tokenizer.pad_token_id
-    device = model.cfg.device
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        ids, mask = pad_ids(batch, pad)
-        with model.hooks(fwd_hooks=list(fwd_hooks)):
-            logits = model(ids.to(device), attention_mask=mask.to(device))
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for i, r in enumerate(batch):
-            yield start + i, logp[i, : len(r)]
-
-
-@torch.no_grad()
 def neutral_kl(
-    model, neutral_prompts: Sequence[str], fwd_hooks: Sequence[Hook], batch_size: int = 16
+    model, neutral_prompts: Sequence[str], steering: Steering | None, batch_size: int = 16
 ) -> float:
-    """Mean over prompts and positions of KL(unsteered || steered) under fixed `fwd_hooks`."""
-    rows = encode_texts(model, neutral_prompts)
-    clean = dict(_teacher_forced(model, rows, (), batch_size))
-    per_prompt = []
-    for i, logq in _teacher_forced(model, rows, fwd_hooks, batch_size):
-        logp = clean[i]
-        per_prompt.append((logp.exp() * (logp - logq)).sum(-1).mean())
-    return float(torch.stack(per_prompt).mean()) if per_prompt else float("nan")
+    """Mean over prompts of `neutral_kl_values`: one number for the collateral damage."""
+    values = neutral_kl_values(model, neutral_prompts, steering, batch_size)
+    return float(values.mean()) if len(values) else float("nan")
 
 
 # ---------------------------------------------------------------- vocabulary mass
@@ -277,27 +254,35 @@ def domain_mass(
     completions_token_ids: Sequence[Sequence[int]],
     vocab_a: Tensor,
     vocab_b: Tensor,
-    fwd_hooks: Sequence[Hook] = (),
+    steering: Steering | None = None,
     batch_size: int = 16,
+    roles: Sequence[Sequence[int]] | None = None,
 ) -> Annotated[Tensor, "n_prompts"]:
     """Per prompt: mean next-token probability on B's vocabulary minus on A's, while continuing.
 
-    Teacher-forced over prompt + continuation under `fwd_hooks`; averaged over every distribution
-    the model produced while writing the continuation: at the prompt's last token and after each
-    continuation token (so an empty continuation still has one).
+    Teacher-forced over prompt + continuation under `steering` (on the positions its rule names;
+    `roles[i]`: the role-token indices of prompt i, for the "roles" rule); averaged over every
+    distribution the model produced while writing the continuation: at the prompt's last token
+    and after each continuation token (so an empty continuation still has one).
     """
     if len(prompts) != len(completions_token_ids):
         raise ValueError(
             f"{len(prompts)} prompts but {len(completions_token_ids)} continuations; "
             "give one continuation (token ids) per prompt."
         )
-    starts, rows = [], []
-    for ids, cont in zip(encode_texts(model, prompts), completions_token_ids, strict=True):
+    if roles is not None and len(roles) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(roles)} role-position lists")
+    skip = prepend_bos_id(model) is not None
+    starts, rows, where = [], [], []
+    for i, (ids, cont) in enumerate(
+        zip(encode_texts(model, prompts), completions_token_ids, strict=True)
+    ):
         starts.append(len(ids) - 1)
         rows.append(list(ids) + list(cont))
+        where.append(RowPositions(len(ids), len(rows[-1]), tuple(roles[i]) if roles else (), skip))
     out = torch.zeros(len(rows))
     va, vb = vocab_a.long().cpu(), vocab_b.long().cpu()
-    for i, logp in _teacher_forced(model, rows, fwd_hooks, batch_size):
+    for i, logp in steered_logprobs(model, rows, steering, where, batch_size):
         p = logp[starts[i] :].exp()
         out[i] = (p[:, vb].sum(-1) - p[:, va].sum(-1)).mean()
     return out
