@@ -25,6 +25,7 @@ BASIS_FILE = "basis.safetensors"
 CFG_FILE = "cfg.json"
 BASIS_VERSION = 1
 ACTIVE_EPS = 1e-6  # |code| above this counts as active for l0 and dead features
+CHUNK_ROWS = 16_384  # rows encoded at once by quality / reconstruct
 
 
 class BasisArtifactError(ValueError):
@@ -114,19 +115,35 @@ class FeatureBasis(nn.Module):
         return self.decode(self.encode(x))
 
     @torch.no_grad()
-    def quality(self, x: Annotated[Tensor, "... d_model"]) -> dict[str, float]:
-        """fvu, mse, l0 (mean active codes per row) and dead_fraction (features never active on x)."""
+    def reconstruct(self, x: Annotated[Tensor, "n d_model"], chunk: int = CHUNK_ROWS) -> Tensor:
+        """forward(x) on rows, `chunk` rows at a time (an SAE's codes for every row need not fit)."""
+        return torch.cat([self.forward(part) for part in x.split(chunk)]) if len(x) else self.forward(x)
+
+    @torch.no_grad()
+    def quality(self, x: Annotated[Tensor, "... d_model"], chunk: int = CHUNK_ROWS) -> dict[str, float]:
+        """fvu, mse, l0 (mean active codes per row) and dead_fraction (features never active on x).
+
+        Streams `chunk` rows at a time: the codes of a million rows of a 4,608-latent SAE are 18 GB.
+        """
         self.check_fitted()
-        codes = self.encode(x)
-        x_hat = self.decode(codes)
+        rows = x.reshape(-1, x.shape[-1])
         fvu = FractionVarianceUnexplained()
-        fvu.update(x, x_hat)
-        active = codes.reshape(-1, codes.shape[-1]).abs() > ACTIVE_EPS
+        sq_err = torch.zeros((), dtype=torch.float64)
+        n_active = torch.zeros((), dtype=torch.float64)
+        ever = torch.zeros(self.n_features, dtype=torch.bool)
+        for part in rows.split(chunk) if len(rows) else [rows]:
+            codes = self.encode(part)
+            x_hat = self.decode(codes)
+            fvu.update(part, x_hat)
+            sq_err += (part.double() - x_hat.double()).pow(2).sum()
+            active = codes.reshape(-1, codes.shape[-1]).abs() > ACTIVE_EPS
+            n_active += active.sum()
+            ever |= active.any(dim=0).cpu()
         return {
             "fvu": float(fvu.compute()),
-            "mse": float((x.float() - x_hat.float()).pow(2).mean()),
-            "l0": float(active.float().sum(dim=-1).mean()),
-            "dead_fraction": float((~active.any(dim=0)).float().mean()),
+            "mse": float(sq_err / rows.numel()),
+            "l0": float(n_active / len(rows)),
+            "dead_fraction": float((~ever).float().mean()),
         }
 
     def save(self, out_dir: str | Path, model: dict[str, Any] | None = None) -> Path:

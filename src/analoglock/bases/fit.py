@@ -254,7 +254,7 @@ def fit_basis_on_store(
         metrics.update({f"heldout/{k}": v for k, v in basis.quality(held).items()})
         with torch.no_grad():
             ids = [d.id for d in acts.docs] if acts.docs else None
-            per_doc["fvu"] = fvu_per_doc(held, basis.forward(held), acts.doc[held_rows], ids)
+            per_doc["fvu"] = fvu_per_doc(held, basis.reconstruct(held), acts.doc[held_rows], ids)
     if model is not None and splice_docs > 0 and kind != "cca":
         if model_info(model).sha256 != store.meta["model"]["sha256"]:
             raise ValueError(

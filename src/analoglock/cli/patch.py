@@ -73,6 +73,7 @@ def main(cfg: DictConfig) -> None:
         upstream_features=as_list(cfg.upstream_features, none="keep"),
         downstream_features=as_list(cfg.downstream_features, none="keep"),
         max_upstream=cfg.max_upstream,
+        max_downstream=cfg.max_downstream,
         thresholds=thresholds,
         agreement_k=cfg.agreement_k,
         control=cfg.control,

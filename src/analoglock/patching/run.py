@@ -121,6 +121,7 @@ def run_patch(
     upstream_features: Sequence[int] | None = None,
     downstream_features: Sequence[int] | None = None,
     max_upstream: int | None = None,
+    max_downstream: int | None = None,
     thresholds: Thresholds | None = None,
     agreement_k: int = 200,
     control: bool = True,
@@ -155,8 +156,12 @@ def run_patch(
     up_ids = upstream_features
     if up_ids is None and max_upstream is not None and max_upstream < upstream.n_features:
         up_ids = act_up.topk(int(max_upstream)).indices.sort().values  # the most active features
+    down_ids = downstream_features
+    if down_ids is None and max_downstream is not None and max_downstream < downstream.n_features:
+        # Attribution costs one backward per downstream code: a 4,608-latent SAE needs a cut.
+        down_ids = act_down.topk(int(max_downstream)).indices.sort().values
     intervention = make_intervention(mode, alpha)
-    kw = dict(upstream_ids=up_ids, downstream_ids=downstream_features, routes=routes,
+    kw = dict(upstream_ids=up_ids, downstream_ids=down_ids, routes=routes,
               control=control, seed=seed, progress=progress)  # fmt: skip
     effects: dict[str, Effects] = {}
     if method in ("exact", "both"):

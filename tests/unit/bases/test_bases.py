@@ -206,6 +206,17 @@ def test_quality_keys_and_dead_features():
     assert q["l0"] == 0.0 and q["dead_fraction"] == 1.0
 
 
+def test_quality_and_reconstruct_stream_in_chunks():
+    """Chunks of 7 rows give the numbers of one pass (FVU centres on the whole set's mean)."""
+    nmf, x = fitted("nmf", k=6)
+    whole, chunked = nmf.quality(x, chunk=len(x)), nmf.quality(x, chunk=7)
+    assert len(x) % 7 and whole == pytest.approx(chunked, rel=1e-6, abs=1e-9)
+    assert 0 < whole["fvu"] < 1 and 0 < whole["l0"] <= 6
+    torch.testing.assert_close(nmf.reconstruct(x, chunk=7), nmf.forward(x))
+    sparse = nmf.quality(torch.cat([x, torch.zeros(9, D)]), chunk=4)  # dead = dead in every chunk
+    assert sparse["dead_fraction"] == whole["dead_fraction"]
+
+
 def test_match_recovers_permutation_and_signs():
     basis, _ = fitted("pca", k=6)
     dirs = basis.directions

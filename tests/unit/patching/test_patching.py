@@ -276,6 +276,15 @@ def test_run_writes_graph_report_and_effects(tiny_model, setup, tmp_path):
     rows = graph["threshold_study"]["rows"]
     kept = [r["pairs_kept"] for r in rows if r["criterion"] == "effect"]
     assert kept == sorted(kept, reverse=True) and kept[0] == U.n_features * V.n_features
+    # max_upstream / max_downstream keep the most active nodes, and their effects are the full run's
+    cut = run_patch(tiny_model, up, down, DOCS, tmp_path / "cut", method="exact", max_upstream=5, max_downstream=3, progress=False)  # fmt: skip
+    kept = effects_from_disk(tmp_path / "cut")
+    act_up, act_down = saved["activation_upstream"], saved["activation_downstream"]
+    want_up, want_down = act_up.topk(5).indices.sort().values, act_down.topk(3).indices.sort().values
+    assert kept["upstream_ids"].tolist() == want_up.tolist() and kept["downstream_ids"].tolist() == want_down.tolist()  # fmt: skip
+    full = saved["exact/effect"][want_up][:, want_down]
+    torch.testing.assert_close(kept["exact/effect"], full, rtol=1e-4, atol=1e-6)
+    assert (cut.summary["methods"]["exact"]["n_upstream"], cut.summary["methods"]["exact"]["n_downstream"]) == (5, 3)
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
         run_patch(tiny_model, up, down, DOCS, tmp_path / "file", progress=False)
