@@ -117,10 +117,16 @@ class FeatureBasis(nn.Module):
     @torch.no_grad()
     def reconstruct(self, x: Annotated[Tensor, "n d_model"], chunk: int = CHUNK_ROWS) -> Tensor:
         """forward(x) on rows, `chunk` rows at a time (an SAE's codes for every row need not fit)."""
-        return torch.cat([self.forward(part) for part in x.split(chunk)]) if len(x) else self.forward(x)
+        return (
+            torch.cat([self.forward(part) for part in x.split(chunk)])
+            if len(x)
+            else self.forward(x)
+        )
 
     @torch.no_grad()
-    def quality(self, x: Annotated[Tensor, "... d_model"], chunk: int = CHUNK_ROWS) -> dict[str, float]:
+    def quality(
+        self, x: Annotated[Tensor, "... d_model"], chunk: int = CHUNK_ROWS
+    ) -> dict[str, float]:
         """fvu, mse, l0 (mean active codes per row) and dead_fraction (features never active on x).
 
         Streams `chunk` rows at a time: the codes of a million rows of a 4,608-latent SAE are 18 GB.

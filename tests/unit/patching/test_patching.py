@@ -280,11 +280,17 @@ def test_run_writes_graph_report_and_effects(tiny_model, setup, tmp_path):
     cut = run_patch(tiny_model, up, down, DOCS, tmp_path / "cut", method="exact", max_upstream=5, max_downstream=3, progress=False)  # fmt: skip
     kept = effects_from_disk(tmp_path / "cut")
     act_up, act_down = saved["activation_upstream"], saved["activation_downstream"]
-    want_up, want_down = act_up.topk(5).indices.sort().values, act_down.topk(3).indices.sort().values
+    want_up, want_down = (
+        act_up.topk(5).indices.sort().values,
+        act_down.topk(3).indices.sort().values,
+    )
     assert kept["upstream_ids"].tolist() == want_up.tolist() and kept["downstream_ids"].tolist() == want_down.tolist()  # fmt: skip
     full = saved["exact/effect"][want_up][:, want_down]
     torch.testing.assert_close(kept["exact/effect"], full, rtol=1e-4, atol=1e-6)
-    assert (cut.summary["methods"]["exact"]["n_upstream"], cut.summary["methods"]["exact"]["n_downstream"]) == (5, 3)
+    assert (
+        cut.summary["methods"]["exact"]["n_upstream"],
+        cut.summary["methods"]["exact"]["n_downstream"],
+    ) == (5, 3)
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="is a file"):
         run_patch(tiny_model, up, down, DOCS, tmp_path / "file", progress=False)
