@@ -177,6 +177,21 @@ def test_harvest_out_dir_names_the_dataset_not_its_path(overrides, out_dir):
         assert compose_resolved("harvest", overrides).out_dir == out_dir
 
 
+@pytest.mark.parametrize(
+    ("overrides", "out_dir"),
+    [
+        ([], "checkpoints/fable_work-lowrank-blocks.20.hook_resid_post-seed0"),
+        (
+            ["mapper=sparse_matrix", "basis=runs/bases/sae-l12/", "hook=blocks.12.hook_resid_post"],
+            "checkpoints/fable_work-sparsefeature-sae-l12-blocks.12.hook_resid_post-seed0",
+        ),
+    ],
+)
+def test_train_runs_in_two_bases_do_not_share_a_folder(overrides, out_dir):
+    with initialize_config_module(CONF_MODULE, version_base=None):
+        assert compose_resolved("train", overrides).out_dir == out_dir
+
+
 def test_relations_runs_do_not_share_a_folder():
     with initialize_config_module(CONF_MODULE, version_base=None):
         out_dir = compose_resolved("relations").out_dir

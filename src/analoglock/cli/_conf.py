@@ -23,11 +23,15 @@ def _stem(name: object) -> str:
 OmegaConf.register_new_resolver("stem", _stem, replace=True)
 
 
-def _map_name(target: object) -> str:
-    """`${map_name:${mapper._target_}}`: analoglock.lock.maps.LowRankMap.build -> lowrank."""
+def _map_name(target: object, basis: object = None) -> str:
+    """`${map_name:${mapper._target_},${basis}}`: analoglock.lock.maps.LowRankMap.build -> lowrank.
+
+    With a basis, its folder's name follows (sparsefeature-sae-l12): runs in two bases are two runs.
+    """
     parts = str(target).split(".")
     cls = parts[-2] if parts[-1] == "build" else parts[-1]
-    return cls.removesuffix("Map").lower()
+    name = cls.removesuffix("Map").lower()
+    return name if basis is None else f"{name}-{Path(str(basis)).name}"
 
 
 # Resolves inside and outside a Hydra app (tests compose configs without one), unlike ${hydra:...}.
