@@ -20,7 +20,13 @@ import torch
 
 from analoglock.activation_store import Activations, ActivationStore, HarvestError
 from analoglock.atomic import check_out_dir, write_json
-from analoglock.bases import basis_class, build_basis
+from analoglock.bases import (
+    basis_class,
+    build_basis,
+    check_basis_matches,
+    load_basis,
+    read_basis_cfg,
+)
 from analoglock.bases.quality import (
     BOOT_LEVEL,
     BOOT_N,
@@ -229,48 +235,129 @@ def fit_basis_on_store(
     `heldout_per_doc.json`.
     """
     store, hook = open_harvest(acts_dir, kind, out_dir, hook, allow_incomplete)
-    acts = store.load([hook])
-    x = acts.acts[hook].float()
-    check_finite_rows(x, acts, hook)
-    split = resolve_split(split, acts.docs)
-    train_docs, held_docs = fit_documents(acts.docs, split, holdout_fraction, seed)
-    train_rows, held_rows = train_docs[acts.doc], held_docs[acts.doc]
+    rows = _split_rows(store, hook, split, holdout_fraction, seed)
+    x, acts = rows["x"], rows["acts"]
     basis = build_basis(kind, n_components=n_features, hook=hook, **(basis_kwargs or {}))
     if kind == "cca":
         from analoglock.paired import pool_pairs
 
         paired = pool_pairs(acts, hook, ("story", "roles"))
-        metrics: dict[str, Any] = cca_fit_and_eval(basis, paired, seed, fit_split=split)
+        metrics: dict[str, Any] = cca_fit_and_eval(basis, paired, seed, fit_split=rows["split"])
     elif kind == "sae":  # positions let the SAE trainer drop BOS rows; it reports its run
-        basis.fit(x[train_rows], pos=acts.pos[train_rows])
+        basis.fit(x[rows["train_rows"]], pos=acts.pos[rows["train_rows"]])
         metrics = {"sae_training": basis.train_stats}
     else:
-        basis.fit(x[train_rows])
+        basis.fit(x[rows["train_rows"]])
         metrics = {}
-    metrics.update({f"train/{k}": v for k, v in basis.quality(x[train_rows]).items()})
+    metrics.update({f"train/{k}": v for k, v in basis.quality(x[rows["train_rows"]]).items()})
+    splice = splice_docs if kind != "cca" else 0
+    measured, per_doc = _measure_heldout(basis, store, rows, model, splice, n_boot, boot_seed)
+    metrics.update(measured)
+    metrics.update(
+        {"kind": kind, "hook": hook, "n_features": basis.n_features, "acts": str(acts_dir)}
+    )
+    metrics.update(_split_record(rows))
+    basis.save(out_dir, model=store.meta["model"])
+    _write_measures(out_dir, metrics, per_doc, seed, holdout_fraction)
+    return metrics
+
+
+def evaluate_basis_on_store(
+    basis_dir: str | Path,
+    acts_dir: str | Path,
+    out_dir: str | Path,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+    model=None,
+    splice_docs: int = 32,
+    split: str | None = "auto",
+    allow_incomplete: bool = False,
+    n_boot: int = BOOT_N,
+    boot_seed: int = BOOT_SEED,
+) -> dict[str, Any]:
+    """Measure a saved basis on another harvest's held-out documents, as if it had been fit there.
+
+    The documents are the ones `fit_basis_on_store` would hold out with the same split,
+    holdout_fraction and seed (a domain-pair harvest: every split but train), and mean ablation
+    takes the mean of that harvest's fit rows, so the metrics pair with a basis fit on it
+    (`paired_difference`): e.g. an SAE trained on the generated corpus, measured on the fable_work
+    stories a lock is tested on, beside PCA fit on their train split. Writes metrics.json and
+    heldout_per_doc.json to `out_dir` (not the basis: it stays where it is).
+    """
+    store, hook = open_evaluation(basis_dir, acts_dir, out_dir, allow_incomplete)
+    basis = load_basis(basis_dir)
+    rows = _split_rows(store, hook, split, holdout_fraction, seed)
+    if not rows["held_rows"].any():
+        raise ValueError(f"The harvest {acts_dir} leaves no held-out document to measure on (split={split}).")  # fmt: skip
+    metrics, per_doc = _measure_heldout(basis, store, rows, model, splice_docs, n_boot, boot_seed)
+    metrics.update({"kind": basis.kind, "hook": hook, "n_features": basis.n_features,
+                    "acts": str(acts_dir), "evaluated_basis": str(basis_dir)})  # fmt: skip
+    metrics.update(_split_record(rows))
+    _write_measures(out_dir, metrics, per_doc, seed, holdout_fraction)
+    return metrics
+
+
+def open_evaluation(
+    basis_dir: str | Path, acts_dir: str | Path, out_dir: str | Path, allow_incomplete: bool = False
+) -> tuple[ActivationStore, str]:
+    """What the inputs alone decide before a basis is measured on a harvest: a readable basis,
+    a complete harvest holding its hook, made on the basis's model, and a usable out_dir."""
+    cfg = read_basis_cfg(basis_dir)
+    store, hook = open_harvest(acts_dir, cfg.get("kind", ""), out_dir, cfg.get("hook"), allow_incomplete)  # fmt: skip
+    check_basis_matches(basis_dir, store.meta.get("model", {}).get("sha256"), hook)
+    return store, hook
+
+
+def _split_rows(store: ActivationStore, hook: str, split, holdout_fraction: float, seed: int) -> dict[str, Any]:  # fmt: skip
+    """The harvest's rows at `hook` and which documents / rows are fit on and held out."""
+    acts = store.load([hook])
+    x = acts.acts[hook].float()
+    check_finite_rows(x, acts, hook)
+    split = resolve_split(split, acts.docs)
+    train_docs, held_docs = fit_documents(acts.docs, split, holdout_fraction, seed)
+    return {"acts": acts, "x": x, "split": split, "train_docs": train_docs, "held_docs": held_docs,
+            "train_rows": train_docs[acts.doc], "held_rows": held_docs[acts.doc]}  # fmt: skip
+
+
+def _split_record(rows: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "split": rows["split"],
+        "n_docs": {"fit": int(rows["train_docs"].sum()), "heldout": int(rows["held_docs"].sum())},
+        "n_rows": {"train": int(rows["train_rows"].sum()), "heldout": int(rows["held_rows"].sum())},
+    }
+
+
+def _measure_heldout(basis, store, rows, model, splice_docs: int, n_boot: int, boot_seed: int):
+    """Held-out quality, per-document FVU, spliced CE (with a model) and their intervals."""
+    acts, x, held_rows = rows["acts"], rows["x"], rows["held_rows"]
+    metrics: dict[str, Any] = {}
     per_doc: dict[str, Any] = {}
     if held_rows.any():
         held = x[held_rows]
         metrics.update({f"heldout/{k}": v for k, v in basis.quality(held).items()})
-        with torch.no_grad():
-            ids = [d.id for d in acts.docs] if acts.docs else None
-            per_doc["fvu"] = fvu_per_doc(held, basis.reconstruct(held), acts.doc[held_rows], ids)
-    if model is not None and splice_docs > 0 and kind != "cca":
+        ids = [d.id for d in acts.docs] if acts.docs else None
+        per_doc["fvu"] = fvu_per_doc(held, basis.reconstruct(held), acts.doc[held_rows], ids)
+    if model is not None and splice_docs > 0:
         if model_info(model).sha256 != store.meta["model"]["sha256"]:
             raise ValueError(
-                f"The harvest in {acts_dir} was made on {store.meta['model']['spec']!r}, not on the loaded "
-                f"model {model_info(model).spec!r}; spliced loss needs the same model."
+                f"The harvest in {store.path} was made on {store.meta['model']['spec']!r}, not on the "
+                f"loaded model {model_info(model).spec!r}; spliced loss needs the same model."
             )
-        docs = [d for d, h in zip(acts.docs, held_docs.tolist(), strict=True) if h][:splice_docs]
-        mean = x[train_rows & (acts.pos > 0)].double().mean(0)  # mean ablation: training tokens
-        summary, per_doc["ce"] = splice_quality_per_doc(model, docs, hook, basis.forward, mean=mean)
+        held_docs = rows["held_docs"].tolist()
+        docs = [d for d, h in zip(acts.docs, held_docs, strict=True) if h][:splice_docs]
+        mean = x[rows["train_rows"] & (acts.pos > 0)].double().mean(0)  # mean ablation: fit tokens
+        summary, per_doc["ce"] = splice_quality_per_doc(
+            model, docs, basis.hook, basis.forward, mean=mean
+        )
         metrics.update({f"heldout/{k}": v for k, v in summary.items()})
     metrics.update({f"heldout/{k}": v for k, v in heldout_intervals(per_doc, n_boot, boot_seed).items()})  # fmt: skip
-    metrics.update({"kind": kind, "hook": hook, "n_features": basis.n_features, "acts": str(acts_dir),
-                    "split": split, "n_docs": {"fit": int(train_docs.sum()), "heldout": int(held_docs.sum())},
-                    "n_rows": {"train": int(train_rows.sum()), "heldout": int(held_rows.sum())}})  # fmt: skip
+    return metrics, per_doc
+
+
+def _write_measures(out_dir, metrics: dict[str, Any], per_doc: dict[str, Any], seed: int, holdout_fraction: float) -> None:  # fmt: skip
+    """metrics.json and, with held-out documents, heldout_per_doc.json (never a stale one)."""
     out = Path(out_dir)
-    basis.save(out, model=store.meta["model"])
+    out.mkdir(parents=True, exist_ok=True)
     if per_doc:
         provenance = {k: metrics[k] for k in ("kind", "hook", "n_features", "acts", "split")}
         write_json(out / PER_DOC_FILE, {"version": PER_DOC_VERSION, **provenance, "seed": seed,
@@ -278,7 +365,6 @@ def fit_basis_on_store(
     else:  # never leave an older fit's documents beside this fit's metrics
         (out / PER_DOC_FILE).unlink(missing_ok=True)
     write_json(out / "metrics.json", metrics)
-    return metrics
 
 
 # ---------------------------------------------------------------- comparing two fits, paired

@@ -1,4 +1,9 @@
-"""analoglock-fit-basis: fit a feature basis on a harvest and print its quality metrics."""
+"""analoglock-fit-basis: fit a feature basis on a harvest and print its quality metrics.
+
+With evaluate=<basis dir> nothing is fit: that saved basis is measured on this harvest's held-out
+documents (e.g. the corpus SAE on the fable_work stories a lock is tested on), paired with any
+basis fit on the same harvest (`scripts/bench_bases.py --compare`).
+"""
 
 from __future__ import annotations
 
@@ -14,13 +19,35 @@ from analoglock.cli._conf import CONF_PATH
 def main(cfg: DictConfig) -> None:
     """Check the harvest and out_dir, load the model if splicing, fit, measure, save; print metrics."""
     from analoglock.atomic import finite
-    from analoglock.bases.fit import fit_basis_on_store, open_harvest
+    from analoglock.bases.fit import (
+        evaluate_basis_on_store,
+        fit_basis_on_store,
+        open_evaluation,
+        open_harvest,
+    )
 
     # everything the inputs alone decide fails here, before the model loads
-    open_harvest(cfg.acts, cfg.basis, cfg.out_dir, cfg.hook, cfg.allow_incomplete)
-    model = (
-        hydra.utils.instantiate(cfg.model) if cfg.splice_docs > 0 and cfg.basis != "cca" else None
-    )
+    if cfg.evaluate:
+        open_evaluation(cfg.evaluate, cfg.acts, cfg.out_dir, cfg.allow_incomplete)
+    else:
+        open_harvest(cfg.acts, cfg.basis, cfg.out_dir, cfg.hook, cfg.allow_incomplete)
+    splice = cfg.splice_docs > 0 and (cfg.evaluate or cfg.basis != "cca")
+    model = hydra.utils.instantiate(cfg.model) if splice else None
+    if cfg.evaluate:
+        metrics = evaluate_basis_on_store(
+            cfg.evaluate,
+            cfg.acts,
+            cfg.out_dir,
+            cfg.holdout_fraction,
+            cfg.seed,
+            model,
+            cfg.splice_docs,
+            split=cfg.split,
+            allow_incomplete=cfg.allow_incomplete,
+        )
+        print(json.dumps(finite(metrics), indent=2, allow_nan=False))
+        print(f"wrote {cfg.out_dir}/ (metrics.json, heldout_per_doc.json)")
+        return
     metrics = fit_basis_on_store(
         cfg.acts,
         cfg.basis,

@@ -293,3 +293,35 @@ def test_paired_difference_refuses_other_documents(tiny_model, store_dir, svd4, 
         paired_difference(a, tmp_path, "fvu")
     with pytest.raises(KeyError, match="ce_increase"):
         paired_difference(a, a, "l0")
+
+
+def test_a_saved_basis_measured_on_its_own_harvest_repeats_its_fit(tiny_model, store_dir, svd4, tmp_path):  # fmt: skip
+    """evaluate_basis_on_store on the fit's own harvest and split gives the fit's held-out numbers,
+    so a basis fit elsewhere (the corpus SAE) pairs with bases fit on the harvest it is measured on."""
+    from analoglock.bases.fit import evaluate_basis_on_store, paired_difference
+
+    out, m = svd4
+    e = evaluate_basis_on_store(out, store_dir, tmp_path / "eval", model=tiny_model, splice_docs=4)
+    for key in ("heldout/fvu", "heldout/l0", "heldout/ce_increase", "heldout/ce_recovered_vs_mean"):
+        assert e[key] == pytest.approx(m[key], rel=1e-6, abs=1e-9), key
+    assert e["n_docs"] == m["n_docs"] and e["evaluated_basis"] == str(out)
+    assert not (tmp_path / "eval" / "basis.safetensors").exists()  # measured, not copied
+    r = paired_difference(tmp_path / "eval", out, "ce_increase")
+    assert r["difference"] == pytest.approx(0.0, abs=1e-9) and r["n_docs"] == 4
+
+
+def test_measuring_a_basis_on_another_hook_or_model_is_refused(tiny_model, store_dir, svd4, tmp_path):  # fmt: skip
+    from analoglock.bases import BasisArtifactError, load_basis
+    from analoglock.bases.fit import evaluate_basis_on_store
+    from analoglock.model import model_info
+
+    basis = load_basis(svd4[0])
+    basis.hook = "blocks.0.hook_resid_post"
+    basis.save(tmp_path / "l0", model=model_info(tiny_model).to_dict())
+    with pytest.raises(Exception, match="blocks.0.hook_resid_post"):  # the harvest lacks the hook
+        evaluate_basis_on_store(tmp_path / "l0", store_dir, tmp_path / "e1")
+    basis.hook = HOOK
+    basis.save(tmp_path / "other", model={**model_info(tiny_model).to_dict(), "sha256": "c" * 64})
+    with pytest.raises(BasisArtifactError, match="fit on model"):
+        evaluate_basis_on_store(tmp_path / "other", store_dir, tmp_path / "e2")
+    assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
