@@ -303,6 +303,11 @@ def open_evaluation(
     """What the inputs alone decide before a basis is measured on a harvest: a readable basis,
     a complete harvest holding its hook, made on the basis's model, and a usable out_dir."""
     cfg = read_basis_cfg(basis_dir)
+    if cfg.get("kind") == "cca":
+        raise ValueError(
+            f"{basis_dir} is a CCA basis: it pairs two domains' rows and is measured by held-out "
+            "canonical correlations, not by reconstruction; fit it on this harvest (basis=cca) instead."
+        )
     store, hook = open_harvest(acts_dir, cfg.get("kind", ""), out_dir, cfg.get("hook"), allow_incomplete)  # fmt: skip
     check_basis_matches(basis_dir, store.meta.get("model", {}).get("sha256"), hook)
     return store, hook

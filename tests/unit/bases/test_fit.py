@@ -324,4 +324,8 @@ def test_measuring_a_basis_on_another_hook_or_model_is_refused(tiny_model, store
     basis.save(tmp_path / "other", model={**model_info(tiny_model).to_dict(), "sha256": "c" * 64})
     with pytest.raises(BasisArtifactError, match="fit on model"):
         evaluate_basis_on_store(tmp_path / "other", store_dir, tmp_path / "e2")
-    assert not (tmp_path / "e1").exists() and not (tmp_path / "e2").exists()
+    cca = tmp_path / "cca"
+    fit_basis_on_store(store_dir, "cca", 4, cca)
+    with pytest.raises(ValueError, match="CCA basis"):
+        evaluate_basis_on_store(cca, store_dir, tmp_path / "e3")
+    assert not any((tmp_path / e).exists() for e in ("e1", "e2", "e3"))
