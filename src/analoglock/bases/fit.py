@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -235,28 +236,28 @@ def fit_basis_on_store(
     `heldout_per_doc.json`.
     """
     store, hook = open_harvest(acts_dir, kind, out_dir, hook, allow_incomplete)
-    rows = _split_rows(store, hook, split, holdout_fraction, seed)
-    x, acts = rows["x"], rows["acts"]
+    rows = HarvestSplit.load(store, hook, split, holdout_fraction, seed)
+    x, acts, train_rows = rows.x, rows.acts, rows.train_rows
     basis = build_basis(kind, n_components=n_features, hook=hook, **(basis_kwargs or {}))
     if kind == "cca":
         from analoglock.paired import pool_pairs
 
         paired = pool_pairs(acts, hook, ("story", "roles"))
-        metrics: dict[str, Any] = cca_fit_and_eval(basis, paired, seed, fit_split=rows["split"])
+        metrics: dict[str, Any] = cca_fit_and_eval(basis, paired, seed, fit_split=rows.split)
     elif kind == "sae":  # positions let the SAE trainer drop BOS rows; it reports its run
-        basis.fit(x[rows["train_rows"]], pos=acts.pos[rows["train_rows"]])
+        basis.fit(x[train_rows], pos=acts.pos[train_rows])
         metrics = {"sae_training": basis.train_stats}
     else:
-        basis.fit(x[rows["train_rows"]])
+        basis.fit(x[train_rows])
         metrics = {}
-    metrics.update({f"train/{k}": v for k, v in basis.quality(x[rows["train_rows"]]).items()})
+    metrics.update({f"train/{k}": v for k, v in basis.quality(x[train_rows]).items()})
     splice = splice_docs if kind != "cca" else 0
     measured, per_doc = _measure_heldout(basis, store, rows, model, splice, n_boot, boot_seed)
     metrics.update(measured)
     metrics.update(
         {"kind": kind, "hook": hook, "n_features": basis.n_features, "acts": str(acts_dir)}
     )
-    metrics.update(_split_record(rows))
+    metrics.update(rows.record())
     basis.save(out_dir, model=store.meta["model"])
     _write_measures(out_dir, metrics, per_doc, seed, holdout_fraction)
     return metrics
@@ -286,13 +287,13 @@ def evaluate_basis_on_store(
     """
     store, hook = open_evaluation(basis_dir, acts_dir, out_dir, allow_incomplete)
     basis = load_basis(basis_dir)
-    rows = _split_rows(store, hook, split, holdout_fraction, seed)
-    if not rows["held_rows"].any():
+    rows = HarvestSplit.load(store, hook, split, holdout_fraction, seed)
+    if not rows.held_rows.any():
         raise ValueError(f"The harvest {acts_dir} leaves no held-out document to measure on (split={split}).")  # fmt: skip
     metrics, per_doc = _measure_heldout(basis, store, rows, model, splice_docs, n_boot, boot_seed)
     metrics.update({"kind": basis.kind, "hook": hook, "n_features": basis.n_features,
                     "acts": str(acts_dir), "evaluated_basis": str(basis_dir)})  # fmt: skip
-    metrics.update(_split_record(rows))
+    metrics.update(rows.record())
     _write_measures(out_dir, metrics, per_doc, seed, holdout_fraction)
     return metrics
 
@@ -313,32 +314,50 @@ def open_evaluation(
     return store, hook
 
 
-def _split_rows(store: ActivationStore, hook: str, split, holdout_fraction: float, seed: int) -> dict[str, Any]:  # fmt: skip
-    """The harvest's rows at `hook` and which documents / rows are fit on and held out."""
-    acts = store.load([hook])
-    x = acts.acts[hook].float()
-    check_finite_rows(x, acts, hook)
-    split = resolve_split(split, acts.docs)
-    train_docs, held_docs = fit_documents(acts.docs, split, holdout_fraction, seed)
-    return {"acts": acts, "x": x, "split": split, "train_docs": train_docs, "held_docs": held_docs,
-            "train_rows": train_docs[acts.doc], "held_rows": held_docs[acts.doc]}  # fmt: skip
+@dataclass(frozen=True)
+class HarvestSplit:
+    """A harvest's rows at one hook and which documents a basis is fit on and held out on."""
+
+    acts: Activations
+    x: torch.Tensor  # [rows, d_model] float32
+    split: str  # "train" or "all" (resolved)
+    train_docs: torch.Tensor  # bool [docs]
+    held_docs: torch.Tensor  # bool [docs]
+
+    @classmethod
+    def load(cls, store: ActivationStore, hook: str, split, holdout_fraction: float, seed: int) -> HarvestSplit:  # fmt: skip
+        acts = store.load([hook])
+        x = acts.acts[hook].float()
+        check_finite_rows(x, acts, hook)
+        split = resolve_split(split, acts.docs)
+        train_docs, held_docs = fit_documents(acts.docs, split, holdout_fraction, seed)
+        return cls(acts, x, split, train_docs, held_docs)
+
+    @property
+    def train_rows(self) -> torch.Tensor:
+        return self.train_docs[self.acts.doc]
+
+    @property
+    def held_rows(self) -> torch.Tensor:
+        return self.held_docs[self.acts.doc]
+
+    def record(self) -> dict[str, Any]:
+        """The split, and how many documents and rows each side holds (for metrics.json)."""
+        train_rows, held_rows = self.train_rows, self.held_rows
+        return {
+            "split": self.split,
+            "n_docs": {"fit": int(self.train_docs.sum()), "heldout": int(self.held_docs.sum())},
+            "n_rows": {"train": int(train_rows.sum()), "heldout": int(held_rows.sum())},
+        }
 
 
-def _split_record(rows: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "split": rows["split"],
-        "n_docs": {"fit": int(rows["train_docs"].sum()), "heldout": int(rows["held_docs"].sum())},
-        "n_rows": {"train": int(rows["train_rows"].sum()), "heldout": int(rows["held_rows"].sum())},
-    }
-
-
-def _measure_heldout(basis, store, rows, model, splice_docs: int, n_boot: int, boot_seed: int):
+def _measure_heldout(basis, store, rows: HarvestSplit, model, splice_docs: int, n_boot: int, boot_seed: int):  # fmt: skip
     """Held-out quality, per-document FVU, spliced CE (with a model) and their intervals."""
-    acts, x, held_rows = rows["acts"], rows["x"], rows["held_rows"]
+    acts, held_rows = rows.acts, rows.held_rows
     metrics: dict[str, Any] = {}
     per_doc: dict[str, Any] = {}
     if held_rows.any():
-        held = x[held_rows]
+        held = rows.x[held_rows]
         metrics.update({f"heldout/{k}": v for k, v in basis.quality(held).items()})
         ids = [d.id for d in acts.docs] if acts.docs else None
         per_doc["fvu"] = fvu_per_doc(held, basis.reconstruct(held), acts.doc[held_rows], ids)
@@ -348,9 +367,11 @@ def _measure_heldout(basis, store, rows, model, splice_docs: int, n_boot: int, b
                 f"The harvest in {store.path} was made on {store.meta['model']['spec']!r}, not on the "
                 f"loaded model {model_info(model).spec!r}; spliced loss needs the same model."
             )
-        held_docs = rows["held_docs"].tolist()
+        held_docs = rows.held_docs.tolist()
         docs = [d for d, h in zip(acts.docs, held_docs, strict=True) if h][:splice_docs]
-        mean = x[rows["train_rows"] & (acts.pos > 0)].double().mean(0)  # mean ablation: fit tokens
+        mean = (
+            rows.x[rows.train_rows & (acts.pos > 0)].double().mean(0)
+        )  # mean ablation: fit tokens
         summary, per_doc["ce"] = splice_quality_per_doc(
             model, docs, basis.hook, basis.forward, mean=mean
         )

@@ -45,25 +45,27 @@ def main(cfg: DictConfig) -> None:
             split=cfg.split,
             allow_incomplete=cfg.allow_incomplete,
         )
-        print(json.dumps(finite(metrics), indent=2, allow_nan=False))
-        print(f"wrote {cfg.out_dir}/ (metrics.json, heldout_per_doc.json)")
-        return
-    metrics = fit_basis_on_store(
-        cfg.acts,
-        cfg.basis,
-        cfg.n_features,
-        cfg.out_dir,
-        cfg.hook,
-        cfg.holdout_fraction,
-        cfg.seed,
-        model,
-        cfg.splice_docs,
-        basis_kwargs=OmegaConf.to_container(cfg.sae, resolve=True) if cfg.basis == "sae" else None,
-        split=cfg.split,
-        allow_incomplete=cfg.allow_incomplete,
-    )
+        wrote = "metrics.json, heldout_per_doc.json"
+    else:
+        metrics = fit_basis_on_store(
+            cfg.acts,
+            cfg.basis,
+            cfg.n_features,
+            cfg.out_dir,
+            cfg.hook,
+            cfg.holdout_fraction,
+            cfg.seed,
+            model,
+            cfg.splice_docs,
+            basis_kwargs=OmegaConf.to_container(cfg.sae, resolve=True)
+            if cfg.basis == "sae"
+            else None,
+            split=cfg.split,
+            allow_incomplete=cfg.allow_incomplete,
+        )
+        wrote = "cfg.json, weights, metrics.json"
     print(json.dumps(finite(metrics), indent=2, allow_nan=False))
-    print(f"wrote {cfg.out_dir}/ (cfg.json, weights, metrics.json)")
+    print(f"wrote {cfg.out_dir}/ ({wrote})")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,13 @@ def check_args(mode: str, alpha: float, method: str) -> None:
         raise PatchSetupError(f"Unknown method {method!r}; valid: {', '.join(METHODS)}")
 
 
+def most_active(ids: Sequence[int] | None, activation: torch.Tensor, keep: int | None):
+    """`ids` when given; else the `keep` most active nodes (sorted ids); else None (all)."""
+    if ids is not None or keep is None or keep >= len(activation):
+        return ids
+    return activation.topk(int(keep)).indices.sort().values
+
+
 def run_patch(
     model,
     upstream_dir: str | Path,
@@ -153,13 +160,9 @@ def run_patch(
     cleans = clean_runs(segment, prompts, progress)
     routes = parse_routes(path, segment)
     act_up, act_down = node_activations(upstream, downstream, cleans)
-    up_ids = upstream_features
-    if up_ids is None and max_upstream is not None and max_upstream < upstream.n_features:
-        up_ids = act_up.topk(int(max_upstream)).indices.sort().values  # the most active features
-    down_ids = downstream_features
-    if down_ids is None and max_downstream is not None and max_downstream < downstream.n_features:
-        # Attribution costs one backward per downstream code: a 4,608-latent SAE needs a cut.
-        down_ids = act_down.topk(int(max_downstream)).indices.sort().values
+    up_ids = most_active(upstream_features, act_up, max_upstream)
+    # Attribution costs one backward per downstream code: a 4,608-latent SAE needs a cut.
+    down_ids = most_active(downstream_features, act_down, max_downstream)
     intervention = make_intervention(mode, alpha)
     kw = dict(upstream_ids=up_ids, downstream_ids=down_ids, routes=routes,
               control=control, seed=seed, progress=progress)  # fmt: skip
