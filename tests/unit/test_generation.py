@@ -90,13 +90,19 @@ def test_decoding_with_the_hf_modules_gives_the_bridges_tokens_and_puts_the_brid
     with pytest.raises(RuntimeError, match="boom"), generation.hf_modules(tiny_model):
         raise RuntimeError("boom")
     assert hf.model.layers[0].self_attn is attn
-    # the HF modules decode with transformers' cache (their SDPA read the expanded one slower)
-    calls = []
-    original = hf.generate
+    # the HF modules decode in decode's own loop; the bridge through transformers' generate
+    calls, loops = [], []
+    original, own = hf.generate, generation.decode
     monkeypatch.setattr(hf, "generate", lambda **kw: calls.append(kw) or original(**kw))
+    monkeypatch.setattr(generation, "decode", lambda *a, **kw: loops.append(a) or own(*a, **kw))
     generate(tiny_model, PROMPTS, max_new_tokens=2, hook_points=False)
+    assert len(loops) == 1 and not calls
     generate(tiny_model, PROMPTS, max_new_tokens=2)
-    assert "cache" not in calls[0] and isinstance(calls[1]["cache"], generation.ExpandedKVCache)
+    assert len(loops) == 1 and isinstance(calls[0]["cache"], generation.ExpandedKVCache)
+    # transformers' own sampling stays transformers'
+    generate(tiny_model, PROMPTS, max_new_tokens=2, hook_points=False, do_sample=True,
+             hf_sampling=True)  # fmt: skip
+    assert len(loops) == 1 and len(calls) == 2 and "cache" not in calls[1]
     with pytest.raises(ValueError, match="fwd_hooks would never run"):
         generate(tiny_model, PROMPTS, max_new_tokens=2, fwd_hooks=hooks, hook_points=False)
 
@@ -152,3 +158,58 @@ def test_sampling_with_a_nucleus_of_one_token_is_greedy_either_way(tiny_model):
         sampled = generate(tiny_model, PROMPTS, max_new_tokens=6, do_sample=True, temperature=0.7,
                            top_p=1e-6, seed=1, hf_sampling=hf_sampling)  # fmt: skip
         assert sampled.new_tokens == greedy
+
+
+def test_decode_gives_transformers_tokens_with_repeats_penalised_and_rows_ending(tiny_model):
+    """decode's loop against plain transformers generate on the HF modules: greedy with a
+    repetition penalty, an EOS that ends some rows early (then padding), prefill in row chunks."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    hf = tiny_model.original_model
+    prompts = [*PROMPTS, "a much longer prompt than the others, to pad the rest"]
+    ids, mask = generation.encode_prompts(tiny_model, prompts)
+    with generation.hf_modules(tiny_model):
+        head = hf.get_output_embeddings()
+        ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                          pad_token_id=0, eos_token_id=None, repetition_penalty=1.3)  # fmt: skip
+        new = ref[:, ids.shape[1] :]
+        eos = int(new[0, 3])  # a token row 0 makes at step 3: it ends there (others maybe too)
+        ref_eos = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10,
+                              do_sample=False, pad_token_id=0, eos_token_id=eos,
+                              repetition_penalty=1.3)[:, ids.shape[1] :]  # fmt: skip
+        for rows in (1, 2, len(prompts)):
+            got = generation.decode(hf, ids, mask, 10, None, 0, repetition_penalty=1.3,
+                                    prefill_rows=rows)  # fmt: skip
+            assert torch.equal(got, new)
+            ended = generation.decode(hf, ids, mask, 10, eos, 0, repetition_penalty=1.3,
+                                      prefill_rows=rows)  # fmt: skip
+            assert torch.equal(ended, ref_eos)
+        assert ended[0, 3] == eos and (ended[0, 4:] == 0).all()
+        assert hf.get_output_embeddings() is head  # the output layer is put back
+    # the penalty, in place, is transformers'
+    scores, seen = torch.randn(3, 50), torch.randint(0, 50, (3, 7))
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(seen, scores.clone())
+    generation._penalise_repeats_(scores, seen, 1.3)
+    assert torch.equal(scores, expected)
+
+
+def test_decode_refuses_a_sliding_window_and_puts_the_output_layer_back_on_error(
+    tiny_model, monkeypatch
+):
+    import pytest
+
+    hf = tiny_model.original_model
+    ids, mask = generation.encode_prompts(tiny_model, PROMPTS)
+    with generation.hf_modules(tiny_model):
+        head = hf.get_output_embeddings()
+        monkeypatch.setattr(hf.model, "forward", lambda *a, **kw: (_ for _ in ()).throw(
+            RuntimeError("boom")))  # fmt: skip
+        with pytest.raises(RuntimeError, match="boom"):
+            generation.decode(hf, ids, mask, 4, None, 0)
+        assert hf.get_output_embeddings() is head
+        monkeypatch.undo()
+        n = hf.config.num_hidden_layers
+        monkeypatch.setattr(hf.config, "layer_types", ["sliding_attention"] * n, raising=False)
+        assert not generation.decodable(hf)
+        with pytest.raises(ValueError, match="full attention"):
+            generation.decode(hf, ids, mask, 4, None, 0)
