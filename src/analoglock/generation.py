@@ -179,7 +179,8 @@ class PrefixKVLayer(DynamicLayer):
 
     def __init__(self, batch: int, capacity: int):
         super().__init__()
-        self.batch, self.capacity, self.length, self.rows = int(batch), int(capacity), 0, slice(None)
+        self.batch, self.capacity = int(batch), int(capacity)
+        self.length, self.rows = 0, slice(None)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -409,7 +410,8 @@ def decode(
 
     `hf` must be `decodable`; `on_step` is called once per new token, before it is chosen."""
     if not decodable(hf):
-        raise ValueError(f"decode needs full attention and a linear output layer; {type(hf).__name__}")
+        name = type(hf).__name__
+        raise ValueError(f"decode needs full attention and a linear output layer; {name} has not")
     b, width = ids.shape
     cache = PrefixKVCache(hf.config.num_hidden_layers, b, width + max_new_tokens)
     positions = (mask.long().cumsum(-1) - 1).masked_fill_(mask == 0, 0)
