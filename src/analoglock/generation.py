@@ -17,8 +17,9 @@ copies; it costs `n_heads / n_kv_heads` times the cache memory, and is used when
 Owns sampling as well. transformers samples by sorting the whole vocabulary for top-p and drawing
 from a softmax over it, every step: at batch 128 over SmolLM2's 49,152 tokens that sort and draw
 took longer than the model's forward. `nucleus_sample` draws from the same distribution
-(temperature, then top-k, then top-p, as transformers orders its warpers) from the `candidates`
-most likely tokens, sorting the whole vocabulary only for rows whose nucleus is wider than that.
+(temperature, then top-k, then top-p, as transformers orders its warpers) from the 64 most likely
+tokens, then the 1,024 most likely for rows whose nucleus may be wider, sorting the whole vocabulary
+only for rows wider still (a top-64 costs 4.9 ms at batch 128 here, a top-1024 22.8 ms).
 `generate` runs it as the last logits processor of a greedy decode, which marks the drawn token so
 that greedy's argmax picks it. The draws are other draws than transformers' (another sequence of
 random numbers), so sampled text differs for the same seed; greedy decoding is untouched.
@@ -298,7 +299,7 @@ def nucleus_sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int | None = None,
-    candidates: int = 1024,
+    candidates: Sequence[int] = (64, 1024),
 ) -> torch.Tensor:
     """One token id per row of `scores` [batch, vocab], drawn as transformers' sampling draws it:
     softmax(scores / temperature) restricted to the `top_k` most likely tokens (None or 0: all),
@@ -327,11 +328,18 @@ def nucleus_sample(
     if limit < vocab:  # transformers cuts to the top_k first and renormalises over them
         return draw(logits, limit, None)[0]
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    k = min(candidates, vocab)
-    tokens, may_continue = draw(logits, k, lse)
-    if k < vocab and may_continue.any():  # these rows' nucleus is wider: draw over all of it
-        wider = may_continue.nonzero()[:, 0]
-        tokens[wider] = draw(logits[wider], vocab, lse[wider])[0]
+    tokens, rows = None, None  # rows: those still to draw (None: all)
+    for k in sorted({min(c, vocab) for c in candidates} | {vocab}):
+        sub, norm = (logits, lse) if rows is None else (logits[rows], lse[rows])
+        drawn, may_continue = draw(sub, k, norm)
+        if rows is None:
+            tokens = drawn
+        else:
+            tokens[rows] = drawn
+        wider = may_continue.nonzero()[:, 0]  # these rows' nucleus may be wider: draw again
+        if k == vocab or len(wider) == 0:
+            return tokens
+        rows = wider if rows is None else rows[wider]
     return tokens
 
 
