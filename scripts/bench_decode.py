@@ -2,9 +2,9 @@
 
 Prints ONE JSON object:
 - `tokens_per_s`: new tokens per second of `analoglock.generation.generate` as the corpus calls
-  it: `hook_points=False` (the Hugging Face modules the bridge wraps, SDPA attention,
-  transformers' cache), a progress tick per step, `nucleus_sample`; whole call (prefill +
-  decoding steps).
+  it: `hook_points=False` (`generation.decode`'s loop over the Hugging Face modules the bridge
+  wraps: SDPA attention, a preallocated `PrefixKVCache`, the prompt prefilled 32 rows at a time),
+  a progress tick per step, `nucleus_sample`; whole call (prefill + decoding steps).
   `decode_tokens_per_s`: the decoding steps alone.
 - `bridge_tokens_per_s`: the same call through the bridge (hook points live, one no-op hook on
   `hook_embed`, `ExpandedKVCache`): what decoding with hooks (steering) pays; the corpus's path

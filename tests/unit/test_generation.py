@@ -140,6 +140,15 @@ def test_nucleus_sample_draws_from_the_distribution_transformers_samples_from():
         # total variation of 4000 draws from the same distribution: ~0.02 at most here
         assert (got - want).abs().sum(-1).max() / 2 < 0.05
     wide = _transformers_distribution(scores, 0.8, 0.95, None)
+    # overwriting the scores (decode's own) changes no draw
+    copy = scores.clone()
+    for overwrite in (False, True):
+        torch.manual_seed(1)
+        drawn = nucleus_sample(copy, 0.8, 0.95, None, (3, 16), overwrite=overwrite)
+        if not overwrite:
+            assert torch.equal(copy, scores)
+            first = drawn
+    assert torch.equal(drawn, first) and torch.allclose(copy, scores / 0.8)
     width = (wide > 0).sum(-1)
     assert (width > 16).any() and ((width > 3) & (width <= 16)).any()  # every path was taken
 
