@@ -59,6 +59,9 @@ def test_cached_weights_equal_fresh_dequantization(plain_hf):
 
 def test_greedy_generation_equals_hugging_face(smollm2, plain_hf):
     ours = generate(smollm2, PROMPTS, max_new_tokens=24)
+    # the corpus's path: decode's own loop over the HF modules, the prompts batched and padded
+    unhooked = generate(smollm2, PROMPTS, max_new_tokens=24, hook_points=False, batch_size=2)
+    assert unhooked.new_tokens == ours.new_tokens
     eos = smollm2.tokenizer.eos_token_id
     for prompt, new in zip(PROMPTS, ours.new_tokens, strict=True):
         toks = smollm2.to_tokens(prompt)
