@@ -64,7 +64,7 @@ chromium:
 	  else echo "make test renders HTML reports in headless Chromium, which is missing and needs root to install: run 'sudo apt-get install chromium', or point CHROMIUM=/path/to/chrome at an existing Chrome/Chromium binary." >&2; exit 1; fi
 
 test: lint chromium
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 check: test
 
