@@ -418,13 +418,15 @@ def decode(
     on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """New token ids [batch, <= max_new_tokens] of a left-padded batch, greedy (`sample=None`) or
-    drawn by `sample(scores) -> ids` (which may overwrite scores); rows that ended hold `pad_token_id` after their EOS, and the
-    loop stops once every row has ended. The tokens of transformers' `generate` (same greedy
-    choice, same repetition penalty, same sampler and draws), without its per-step machinery:
+    drawn by `sample(scores) -> ids` (which may overwrite scores). Rows that ended hold
+    `pad_token_id` after their EOS; the loop stops once every row has ended. The tokens of
+    transformers' `generate` (same greedy choice, same repetition penalty, same sampler and
+    draws), without its per-step machinery:
 
     - keys and values go to a `PrefixKVCache` sized for the generation (no per-step copy);
     - the prompt is prefilled `prefill_rows` rows at a time (measured at batch 128: 6.8-7.0 s in
-      chunks of 32 rows, 8.4-9.6 s at once, whose [8448, 1536] activations leave the caches);
+      chunks of 32 rows, 8.4-9.6 s at once; we think because the whole batch's [8448, 1536]
+      activations outgrow the caches, untested);
     - the output layer reads a contiguous input and skips an all-zero bias (`_Unembed`).
 
     `hf` must be `decodable`; `on_step` is called once per new token, before it is chosen."""
@@ -573,7 +575,8 @@ def generate(
             with cache as cache_kwargs, modules(model), model.hooks(fwd_hooks=list(fwd_hooks)):
                 if own_loop and decodable(hf):
                     rows = decode(hf, ids.to(device), mask.to(device), max_new_tokens, eos,
-                                  tok.pad_token_id, sample, repetition_penalty, on_step=on_step)  # fmt: skip
+                                  tok.pad_token_id, sample, repetition_penalty,
+                                  on_step=on_step)  # fmt: skip
                     out = torch.cat([ids.to(rows.device), rows], 1)
                 else:
                     out = hf.generate(
