@@ -223,3 +223,27 @@ def test_decode_refuses_a_sliding_window_and_puts_the_output_layer_back_on_error
         assert not generation.decodable(hf)
         with pytest.raises(ValueError, match="full attention"):
             generation.decode(hf, ids, mask, 4, None, 0)
+
+
+def test_prefix_layer_written_in_row_chunks_returns_the_concatenation():
+    """Rows prefilled in chunks, then whole-batch steps, as `decode` drives it; no writing past
+    the planned length."""
+    import pytest
+
+    layer = generation.PrefixKVLayer(batch=4, capacity=7)
+    k, v = torch.randn(4, 2, 4, 8), torch.randn(4, 2, 4, 8)
+    for rows in (slice(0, 3), slice(3, 4)):
+        layer.rows = rows
+        keys, values = layer.update(k[rows], v[rows])
+        assert torch.equal(keys, k[rows]) and torch.equal(values, v[rows])
+    layer.advance(4)
+    ks, vs = [k], [v]
+    for _ in range(3):
+        ks.append(torch.randn(4, 2, 1, 8))
+        vs.append(torch.randn(4, 2, 1, 8))
+        keys, values = layer.update(ks[-1], vs[-1])
+        layer.advance(1)
+        assert torch.equal(keys, torch.cat(ks, 2)) and torch.equal(values, torch.cat(vs, 2))
+    assert layer.get_seq_length() == 7
+    with pytest.raises(RuntimeError, match="holds 7 positions"):
+        layer.update(ks[-1], vs[-1])
