@@ -61,24 +61,88 @@ log = logging.getLogger(__name__)
 Hook = tuple[str, Callable]
 
 
-class ExpandedKVLayer(DynamicLayer):
-    """One layer's keys and values, repeated to the query heads as they arrive, in a buffer sized
-    for the whole generation ([batch, n_kv_heads * n_rep, capacity, d_head]); `keys`/`values`
-    are views of the filled part, so a decoding step copies one position, not the cache."""
+class PrefixKVLayer(DynamicLayer):
+    """One layer's keys and values in a buffer sized for the whole generation ([batch, n_kv_heads
+    * n_rep, capacity, d_head]; `n_rep` > 1 stores each key/value head repeated to its query
+    heads, as `repeat_kv` would). `keys`/`values` are views of the filled part, so a step copies
+    one position instead of the whole cache (transformers' `DynamicLayer` concatenates).
 
-    def __init__(self, capacity: int, n_rep: int):
+    `decode` drives it with the compact heads: a prefill chunk writes its `rows`; the loop advances
+    `length` once every row has the new positions (`advance`)."""
+
+    def __init__(self, batch: int | None, capacity: int, n_rep: int = 1):
         super().__init__()
-        self.capacity, self.n_rep, self.length = int(capacity), int(n_rep), 0
+        self.batch, self.capacity, self.n_rep = batch, int(capacity), int(n_rep)
+        self.length, self.rows = 0, slice(None)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
-        self._k = self._buffer(key_states, self.capacity)
-        self._v = self._buffer(value_states, self.capacity)
+        self._k = self._buffer(key_states)
+        self._v = self._buffer(value_states)
         self.is_initialized = True
 
-    def _buffer(self, like: torch.Tensor, capacity: int) -> torch.Tensor:
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
         b, h, _, d = like.shape
-        return like.new_empty((b, h * self.n_rep, capacity, d))
+        return like.new_empty((self.batch or b, h * self.n_rep, self.capacity, d))
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"{type(self).__name__} holds {self.capacity} positions; asked for {end}")  # fmt: skip
+        for buf, new in ((self._k, key_states), (self._v, value_states)):
+            b, h, t, d = new.shape  # head j of the buffer holds kv head j // n_rep, as repeat_kv
+            buf[self.rows, :, start:end].view(b, h, self.n_rep, t, d).copy_(
+                new.unsqueeze(2).expand(b, h, self.n_rep, t, d)
+            )
+        self.keys, self.values = self._k[self.rows, :, :end], self._v[self.rows, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def advance(self, n: int) -> None:
+        self.length += n
+        self.rows = slice(None)
+
+    def reset(self) -> None:
+        super().reset()
+        self.length, self.rows = 0, slice(None)
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"{type(self).__name__} serves plain greedy/sampled decoding (no beams, cropping or "
+            "reordering); use transformers' DynamicCache for those."
+        )
+
+    crop = batch_repeat_interleave = batch_select_indices = reorder_cache = _unsupported
+
+
+class PrefixKVCache(DynamicCache):
+    """A cache of `PrefixKVLayer`s for `decode`."""
+
+    def __init__(self, n_layers: int, batch: int, capacity: int):
+        Cache.__init__(self, layers=[PrefixKVLayer(batch, capacity) for _ in range(n_layers)])
+
+    def write_rows(self, rows: slice) -> None:
+        for layer in self.layers:
+            layer.rows = rows
+
+    def advance(self, n: int) -> None:
+        for layer in self.layers:
+            layer.advance(n)
+
+
+class ExpandedKVLayer(PrefixKVLayer):
+    """A `PrefixKVLayer` for transformers' `generate` and the bridge's attention: heads stored
+    repeated (`n_rep`), the batch taken from the first keys, `length` advanced by each update, and
+    the buffer grown if decoding runs past the planned length."""
+
+    def __init__(self, capacity: int, n_rep: int):
+        super().__init__(None, capacity, n_rep)
 
     def _grow(self, needed: int) -> None:
         """Only when decoding runs past the planned length (not on generate's path)."""
@@ -94,29 +158,11 @@ class ExpandedKVLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        start, end = self.length, self.length + key_states.shape[-2]
-        if end > self.capacity:
-            self._grow(end)
-        for buf, new in ((self._k, key_states), (self._v, value_states)):
-            b, h, t, d = new.shape  # head j of the buffer holds kv head j // n_rep, as repeat_kv
-            buf[:, :, start:end].view(b, h, self.n_rep, t, d).copy_(
-                new.unsqueeze(2).expand(b, h, self.n_rep, t, d)
-            )
-        self.length = end
-        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
-        return self.keys, self.values
-
-    def reset(self) -> None:
-        super().reset()
-        self.length = 0
-
-    def _unsupported(self, *args, **kwargs):
-        raise NotImplementedError(
-            "ExpandedKVCache serves plain greedy/sampled decoding (no beams, cropping or "
-            "reordering); use transformers' DynamicCache for those."
-        )
-
-    crop = batch_repeat_interleave = batch_select_indices = reorder_cache = _unsupported
+        if self.length + key_states.shape[-2] > self.capacity:
+            self._grow(self.length + key_states.shape[-2])
+        keys, values = super().update(key_states, value_states)
+        self.advance(key_states.shape[-2])
+        return keys, values
 
 
 class ExpandedKVCache(DynamicCache):
@@ -173,66 +219,6 @@ def _expanded_kv_cache(model, rows: int, capacity: int) -> Iterator[dict]:
     finally:
         for m, n in zip(attention, saved, strict=True):
             m.num_key_value_groups = n
-
-
-class PrefixKVLayer(DynamicLayer):
-    """One layer's keys and values in a buffer sized for the whole generation ([batch, n_kv_heads,
-    capacity, d_head], the compact heads: HF's attention groups queries onto them itself).
-
-    `decode` drives it: a prefill chunk writes its `rows`; the loop advances `length` once every
-    row has the new positions (`advance`). Attention reads views of the filled part, so a step
-    copies one position instead of the whole cache (transformers' `DynamicLayer` concatenates)."""
-
-    def __init__(self, batch: int, capacity: int):
-        super().__init__()
-        self.batch, self.capacity = int(batch), int(capacity)
-        self.length, self.rows = 0, slice(None)
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        _, h, _, d = key_states.shape
-        self._k = key_states.new_empty((self.batch, h, self.capacity, d))
-        self._v = value_states.new_empty((self.batch, value_states.shape[1], self.capacity, d))
-        self.is_initialized = True
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"PrefixKVLayer holds {self.capacity} positions; asked for {end}")
-        self._k[self.rows, :, self.length : end] = key_states
-        self._v[self.rows, :, self.length : end] = value_states
-        self.keys, self.values = self._k[self.rows, :, :end], self._v[self.rows, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def advance(self, n: int) -> None:
-        self.length += n
-        self.rows = slice(None)
-
-    crop = batch_repeat_interleave = batch_select_indices = reorder_cache = (
-        ExpandedKVLayer._unsupported
-    )
-
-
-class PrefixKVCache(DynamicCache):
-    """A cache of `PrefixKVLayer`s for `decode`."""
-
-    def __init__(self, n_layers: int, batch: int, capacity: int):
-        Cache.__init__(self, layers=[PrefixKVLayer(batch, capacity) for _ in range(n_layers)])
-
-    def write_rows(self, rows: slice) -> None:
-        for layer in self.layers:
-            layer.rows = rows
-
-    def advance(self, n: int) -> None:
-        for layer in self.layers:
-            layer.advance(n)
 
 
 class _Unembed(torch.nn.Module):
