@@ -212,11 +212,15 @@ def test_decode_refuses_a_sliding_window_and_puts_the_output_layer_back_on_error
     ids, mask = generation.encode_prompts(tiny_model, PROMPTS)
     with generation.hf_modules(tiny_model):
         head = hf.get_output_embeddings()
+        linears = [m for m in hf.modules() if isinstance(m, torch.nn.Linear)]
         monkeypatch.setattr(hf.model, "forward", lambda *a, **kw: (_ for _ in ()).throw(
             RuntimeError("boom")))  # fmt: skip
         with pytest.raises(RuntimeError, match="boom"):
             generation.decode(hf, ids, mask, 4, None, 0)
         assert hf.get_output_embeddings() is head
+        # every linear layer is the original again (decode swaps them for packed ones)
+        assert [m for m in hf.modules() if isinstance(m, torch.nn.Linear)] == linears
+        assert not any(isinstance(m, generation._DecodeLinear) for m in hf.modules())
         monkeypatch.undo()
         n = hf.config.num_hidden_layers
         monkeypatch.setattr(hf.config, "layer_types", ["sliding_attention"] * n, raising=False)
@@ -247,3 +251,43 @@ def test_prefix_layer_written_in_row_chunks_returns_the_concatenation():
     assert layer.get_seq_length() == 7
     with pytest.raises(RuntimeError, match="holds 7 positions"):
         layer.update(ks[-1], vs[-1])
+
+
+def test_top_k_by_blocks_equals_topk():
+    """The block shortcut returns topk's values (and, for distinct values, its indices), also
+    when every winner sits in one block or every value ties."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 64 * 40)
+    x[1, 640:704] += 10  # row 1: all of the top 5 in one block
+    x[2] = 3.0  # row 2: all equal
+    for k in (1, 5, 10):
+        top, idx = generation._top_k(x, k)
+        ref_top, ref_idx = x.topk(k, dim=-1)
+        assert torch.equal(top, ref_top)
+        assert torch.equal(idx[[0, 1, 3, 4]], ref_idx[[0, 1, 3, 4]])
+        assert torch.equal(x.gather(1, idx), top)  # the indices point at those values
+        assert all(len(set(row)) == k for row in idx.tolist())  # distinct, ties too
+    wide = torch.randn(2, 64 * 8)  # too few blocks to gain: topk itself
+    assert torch.equal(generation._top_k(wide, 5)[1], wide.topk(5, dim=-1).indices)
+
+
+def test_decode_linear_gives_f_linears_bits_and_leaves_the_random_stream_alone():
+    """`_DecodeLinear` (MKL-packed where the bits agree) returns `F.linear`'s exact numbers for
+    every input shape, on contiguous and strided inputs, with and without a bias, and draws
+    its bit-check probe from a generator of its own."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    for n_in, n_out, bias in ((32, 48, False), (96, 40, True), (200, 16, True)):
+        lin = torch.nn.Linear(n_in, n_out, bias=bias)
+        layer = generation._DecodeLinear(lin, rows=4)
+        if generation._mkl_linear_ok():
+            assert layer.packed is not None  # an x86 torch: the packed path is there to check
+        for x in (torch.randn(4, 1, n_in), torch.randn(7, n_in), torch.randn(3, 5, n_in)[:, -1:]):
+            state = torch.random.get_rng_state()
+            got = layer(x)
+            assert torch.equal(torch.random.get_rng_state(), state)
+            assert torch.equal(got, F.linear(x, lin.weight, lin.bias))
+    zero = torch.nn.Linear(8, 6)
+    torch.nn.init.zeros_(zero.bias)
+    assert generation._DecodeLinear(zero, rows=2).bias is None  # an all-zero bias is skipped
