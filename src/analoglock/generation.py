@@ -237,62 +237,75 @@ _PACKED_EQUAL: dict[tuple[int, int, int, bool], bool] = {}
 class _DecodeLinear(torch.nn.Module):
     """A linear layer as `decode` runs it: the same weight (and bias, unless it is all zeros, as
     the bridge leaves it on the output layer), on a contiguous input, through MKL's prepacked
-    GEMM (`torch.ops.mkl._mkl_linear`, what inductor's freezing uses) for every input shape whose
-    product equals `F.linear`'s bit for bit on this machine, else `F.linear` itself.
+    GEMM (`torch.ops.mkl._mkl_linear`, what inductor's freezing uses) for a decoding step's
+    `rows`-row input when that product equals `F.linear`'s bit for bit on this machine, else
+    `F.linear` itself.
 
     Why: at batch 128 the block weights stream from memory every step and MKL re-packs each one
-    per call; packed once per `decode` call, the 576-wide projections ran 10-25% faster (SmolLM2,
-    gate/up 0.83 -> 0.67 ms, unembedding 25.5 -> 19.2 ms). Bit equality is checked per shape
-    with one random probe (a different summation order shows in some of the rows x out sums), so
-    tokens stay transformers' own; SmolLM2's down projection (1536 wide) differs in the last
-    bits and keeps `F.linear`. Why contiguous: HF slices the prefill's last position ([batch, 1,
-    d] with the prompt's stride) and a linear on that view ran as one matrix-vector product per
-    row (373 ms at batch 128, against ~20 ms)."""
+    per call; prepacked, the 576-wide projections ran 10-25% faster (SmolLM2, gate/up 0.83 ->
+    0.67 ms, unembedding 25.5 -> 19.2 ms) and a sampled step 206-210 -> 188-193 ms. Bit equality
+    is checked once per shape with a random probe (a different summation order shows in some of
+    the rows x out sums), so tokens stay transformers' own; SmolLM2's down projection (1536 wide)
+    differs in the last bits and keeps `F.linear`. Only steps: on the prefill's [rows x prompt, d]
+    inputs the packed weights ran slower in the model. The packed copies live in `store` (one per
+    model, kept across calls: packing them afresh before each call cost ~0.3 s and slowed the
+    prefill after it by up to ~1.5 s, 540 MB of new pages) and are packed again when the weight
+    changes in place. Why contiguous: HF slices the prefill's last position ([batch, 1, d] with
+    the prompt's stride) and a linear on that view ran as one matrix-vector product per row
+    (373 ms at batch 128, against ~20 ms)."""
 
-    def __init__(self, linear: torch.nn.Linear, rows: int):
+    def __init__(self, linear: torch.nn.Linear, rows: int, store: dict):
         super().__init__()
         self.weight = linear.weight
         bias = linear.bias
         self.bias = None if bias is None or not bias.any() else bias
         w = self.weight
-        packable = w.device.type == "cpu" and w.dtype == torch.float32 and _mkl_linear_ok()
-        self.packed = (
-            torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows) if packable else None
-        )
-        self.rows = rows
+        self.packable = w.device.type == "cpu" and w.dtype == torch.float32 and _mkl_linear_ok()
+        self.rows, self._store = rows, store
 
-    def _packed_equal(self, x: torch.Tensor) -> bool:
-        out_f, in_f = self.weight.shape
-        key = (x.numel() // in_f, in_f, out_f, self.bias is not None)
-        if key not in _PACKED_EQUAL:  # a private generator: the sampler's draws stay the same
-            g = torch.Generator().manual_seed(0)
-            probe = torch.randn(key[0], in_f, generator=g)
-            mkl = torch.ops.mkl._mkl_linear(probe, self.packed, self.weight, self.bias, self.rows)
-            _PACKED_EQUAL[key] = torch.equal(
-                mkl, torch.nn.functional.linear(probe, self.weight, self.bias)
-            )
-        return _PACKED_EQUAL[key]
+    def packed(self) -> torch.Tensor:
+        """MKL's packed copy of the weight for `rows`-row inputs, from the store when current."""
+        w = self.weight
+        hit = self._store.get(id(w))
+        if hit is None or hit[0] is not w or hit[1:3] != (w._version, self.rows):
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), self.rows)
+            self._store[id(w)] = hit = (w, w._version, self.rows, packed)
+        return hit[3]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        if self.packed is not None and self._packed_equal(x):
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+        out_f, in_f = self.weight.shape
+        key = (self.rows, in_f, out_f, self.bias is not None)
+        if self.packable and x.numel() // in_f == self.rows and _PACKED_EQUAL.get(key, True):
+            packed = self.packed()
+            if key not in _PACKED_EQUAL:  # a private generator: the sampler's draws stay the same
+                probe = torch.randn(self.rows, in_f, generator=torch.Generator().manual_seed(0))
+                mkl = torch.ops.mkl._mkl_linear(probe, packed, self.weight, self.bias, self.rows)
+                _PACKED_EQUAL[key] = torch.equal(
+                    mkl, torch.nn.functional.linear(probe, self.weight, self.bias)
+                )
+            if _PACKED_EQUAL[key]:
+                return torch.ops.mkl._mkl_linear(x, packed, self.weight, self.bias, self.rows)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 @contextmanager
 def _decode_linears(hf, rows: int) -> Iterator[int]:
     """Every `torch.nn.Linear` of `hf` (the output layer too) swapped for a `_DecodeLinear`
-    packed for `rows`-row inputs; put back on exit, even on error. Yields how many."""
+    for `rows`-row steps; put back on exit, even on error. Yields how many. The packed weights
+    stay on `hf` (`_decode_packed`) for the next call; entries of weights it no longer has go."""
     swaps = [
         (parent, name, child)
         for parent in hf.modules()
         for name, child in parent.named_children()
         if type(child) is torch.nn.Linear
     ]
+    current = {id(child.weight) for _, _, child in swaps}
+    store = {k: v for k, v in hf.__dict__.get("_decode_packed", {}).items() if k in current}
+    hf.__dict__["_decode_packed"] = store
     try:
         for parent, name, child in swaps:
-            setattr(parent, name, _DecodeLinear(child, rows))
+            setattr(parent, name, _DecodeLinear(child, rows, store))
         yield len(swaps)
     finally:
         for parent, name, child in reversed(swaps):

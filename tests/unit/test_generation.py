@@ -272,22 +272,39 @@ def test_top_k_by_blocks_equals_topk():
 
 
 def test_decode_linear_gives_f_linears_bits_and_leaves_the_random_stream_alone():
-    """`_DecodeLinear` (MKL-packed where the bits agree) returns `F.linear`'s exact numbers for
-    every input shape, on contiguous and strided inputs, with and without a bias, and draws
-    its bit-check probe from a generator of its own."""
+    """`_DecodeLinear` (MKL-packed for a step's rows where the bits agree) returns `F.linear`'s
+    exact numbers for every input shape, on contiguous and strided inputs, with and without a
+    bias, and draws its bit-check probe from a generator of its own."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
     for n_in, n_out, bias in ((32, 48, False), (96, 40, True), (200, 16, True)):
         lin = torch.nn.Linear(n_in, n_out, bias=bias)
-        layer = generation._DecodeLinear(lin, rows=4)
-        if generation._mkl_linear_ok():
-            assert layer.packed is not None  # an x86 torch: the packed path is there to check
-        for x in (torch.randn(4, 1, n_in), torch.randn(7, n_in), torch.randn(3, 5, n_in)[:, -1:]):
+        layer = generation._DecodeLinear(lin, rows=4, store={})
+        steps = (torch.randn(4, 1, n_in), torch.randn(4, 5, n_in)[:, -1:])  # packed, if bits agree
+        for x in (*steps, torch.randn(7, n_in), torch.randn(3, 5, n_in)):  # F.linear's own
             state = torch.random.get_rng_state()
             got = layer(x)
             assert torch.equal(torch.random.get_rng_state(), state)
             assert torch.equal(got, F.linear(x, lin.weight, lin.bias))
     zero = torch.nn.Linear(8, 6)
     torch.nn.init.zeros_(zero.bias)
-    assert generation._DecodeLinear(zero, rows=2).bias is None  # an all-zero bias is skipped
+    assert generation._DecodeLinear(zero, rows=2, store={}).bias is None  # a zero bias is skipped
+
+
+def test_decode_linear_keeps_packed_weights_until_the_weight_changes():
+    import pytest
+
+    if not generation._mkl_linear_ok():
+        pytest.skip("this torch has no MKL packed GEMM (not an x86 build)")
+    lin, store = torch.nn.Linear(64, 32, bias=False), {}
+    first = generation._DecodeLinear(lin, rows=4, store=store).packed()
+    again = generation._DecodeLinear(lin, rows=4, store=store).packed()
+    assert again is first and len(store) == 1  # a later decode call reuses it
+    with torch.no_grad():
+        lin.weight.mul_(2)  # edited in place: packed again, and right
+    packed = generation._DecodeLinear(lin, rows=4, store=store).packed()
+    assert packed is not first
+    x = torch.randn(4, 64)
+    got = torch.ops.mkl._mkl_linear(x, packed, lin.weight, None, 4)
+    torch.testing.assert_close(got, x @ lin.weight.T)
