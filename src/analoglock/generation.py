@@ -23,7 +23,8 @@ whole vocabulary only for rows wider still (a top-64 costs 4.9 ms at batch 128 h
 22.8 ms; SmolLM2's story nuclei at temperature 0.8, top-p 0.95: median 13 tokens, 13% over 64,
 0.1% over 1,024; a step's draw 14.4 ms, against 32.4 ms from the top 1,024 alone). The top 64 is
 read block by block (`_top_k`, 3.0 ms against 5.1) and the probabilities come from one fused
-log-softmax (2.2 ms against 4.7 for logsumexp): a draw at batch 128 now takes ~6 ms.
+log-softmax (2.2 ms against 4.7 for logsumexp): a draw at batch 128 takes ~7 ms alone, ~12 ms
+inside a decoding step.
 `generate` runs it as the last logits processor of a greedy decode, which marks the drawn token so
 that greedy's argmax picks it. The draws are other draws than transformers' (another sequence of
 random numbers), so sampled text differs for the same seed; greedy decoding is untouched.
@@ -33,7 +34,8 @@ Decoding with nothing hooked (the corpus) need not go through the bridge at all:
 for the call (`hf_modules`), so no hook point runs and HF's own attention (SDPA) does, not the
 bridge's reimplementation that materialises every score for its hooks. Those modules then run in
 `decode`, a plain loop that gives transformers' tokens without `generate`'s per-step machinery
-(its cache's per-step concatenation, its processors' full-vocabulary copies). Models it cannot
+(its cache's per-step concatenation, its processors' full-vocabulary copies), with the linear
+layers of its steps on MKL's prepacked weights wherever those give `F.linear`'s exact bits. Models it cannot
 run (a sliding window) and transformers' own sampling go through `generate` as before.
 """
 
@@ -249,8 +251,8 @@ class _DecodeLinear(torch.nn.Module):
     differs in the last bits and keeps `F.linear`. Only steps: on the prefill's [rows x prompt, d]
     inputs the packed weights ran slower in the model. The packed copies live in `store` (one per
     model, kept across calls: packing them afresh before each call cost ~0.3 s and slowed the
-    prefill after it by up to ~1.5 s, 540 MB of new pages) and are packed again when the weight
-    changes in place. Why contiguous: HF slices the prefill's last position ([batch, 1, d] with
+    prefill after it by up to ~1.5 s, ~0.5 GB of new pages; for SmolLM2 they hold ~0.45 GB while
+    the model lives) and are packed again when the weight changes in place. Why contiguous: HF slices the prefill's last position ([batch, 1, d] with
     the prompt's stride) and a linear on that view ran as one matrix-vector product per row
     (373 ms at batch 128, against ~20 ms)."""
 
@@ -364,7 +366,7 @@ def _top_k(x: torch.Tensor, k: int, block: int = 64) -> tuple[torch.Tensor, torc
     """`x.topk(k, dim=-1)` (values sorted, most likely first; which of equal values is taken may
     differ) for [rows, n] `x`, read block by block: every one of a row's k largest lies in one of
     the k blocks with the largest maxima, so only those k * `block` values are ranked. At batch
-    128 over SmolLM2's 49,152 tokens, k = 64: 1.5 ms against 5.1 ms for `topk` over all."""
+    128 over SmolLM2's 49,152 tokens, k = 64: 3.0 ms against 5.1 ms for `topk` over all."""
     rows, n = x.shape
     if n % block or 4 * k * block > n:  # too few blocks to gain from
         return x.topk(k, dim=-1)
