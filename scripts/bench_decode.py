@@ -22,8 +22,9 @@ Prints ONE JSON object:
   operations at its own bound (linear layers and the tied unembedding: FLOPs / peak vs their
   float32 weights / bandwidth; attention: FLOPs vs reading the compact KV cache once),
   summed. The prefill unembeds only each row's last position (what decides the first new token;
-  before 2026-11-30 the roofline counted every prompt position, ~9% more work at the defaults,
-  which made the fraction ~0.05 higher than it was). Sampling (top-p sort, multinomial) and Python are left out: they are not the model.
+  before 2026-11-30 the roofline counted every prompt position, which at the defaults put the
+  roofline ~10% too low and the fraction ~0.06 too high). Sampling (top-p sort, multinomial) and
+  Python are left out: they are not the model.
   `roofline_fraction` = tokens_per_s / roofline_tokens_per_s.
 - `same_greedy_tokens_as_hf` (greedy mode): our tokens equal plain HF's;
   `same_tokens_as_bridge`, `same_tokens_as_default_cache`: neither the HF modules nor the cache

@@ -35,8 +35,9 @@ for the call (`hf_modules`), so no hook point runs and HF's own attention (SDPA)
 bridge's reimplementation that materialises every score for its hooks. Those modules then run in
 `decode`, a plain loop that gives transformers' tokens without `generate`'s per-step machinery
 (its cache's per-step concatenation, its processors' full-vocabulary copies), with the linear
-layers of its steps on MKL's prepacked weights wherever those give `F.linear`'s exact bits. Models it cannot
-run (a sliding window) and transformers' own sampling go through `generate` as before.
+layers of its steps on MKL's prepacked weights wherever those give `F.linear`'s exact bits.
+Models it cannot run (a sliding window) and transformers' own sampling go through `generate` as
+before.
 """
 
 from __future__ import annotations
@@ -252,9 +253,9 @@ class _DecodeLinear(torch.nn.Module):
     inputs the packed weights ran slower in the model. The packed copies live in `store` (one per
     model, kept across calls: packing them afresh before each call cost ~0.3 s and slowed the
     prefill after it by up to ~1.5 s, ~0.5 GB of new pages; for SmolLM2 they hold ~0.45 GB while
-    the model lives) and are packed again when the weight changes in place. Why contiguous: HF slices the prefill's last position ([batch, 1, d] with
-    the prompt's stride) and a linear on that view ran as one matrix-vector product per row
-    (373 ms at batch 128, against ~20 ms)."""
+    the model lives) and are packed again when the weight changes in place. Why contiguous: HF
+    slices the prefill's last position ([batch, 1, d] with the prompt's stride) and a linear on
+    that view ran as one matrix-vector product per row (373 ms at batch 128, against ~20 ms)."""
 
     def __init__(self, linear: torch.nn.Linear, rows: int, store: dict):
         super().__init__()
