@@ -3,7 +3,8 @@
 Prints ONE JSON object:
 - `tokens_per_s`: new tokens per second of `analoglock.generation.generate` as the corpus calls
   it: `hook_points=False` (`generation.decode`'s loop over the Hugging Face modules the bridge
-  wraps: SDPA attention, a preallocated `PrefixKVCache`, the prompt prefilled 32 rows at a time),
+  wraps: SDPA attention, a preallocated `PrefixKVCache`, the prompt prefilled 16 rows at a time
+  by length, skipping the padding they share),
   a progress tick per step, `nucleus_sample`; whole call (prefill + decoding steps).
   `decode_tokens_per_s`: the decoding steps alone.
 - `bridge_tokens_per_s`: the same call through the bridge (hook points live, one no-op hook on
@@ -21,17 +22,22 @@ Prints ONE JSON object:
   bandwidth (`bandwidth_gb_s`): the prefill, then each step at its context length, each group of
   operations at its own bound (linear layers and the tied unembedding: FLOPs / peak vs their
   float32 weights / bandwidth; attention: FLOPs vs reading the compact KV cache once),
-  summed. The prefill unembeds only each row's last position (what decides the first new token;
-  before 2026-11-30 the roofline counted every prompt position, which at the defaults put the
-  roofline ~10% too low and the fraction ~0.06 too high). Sampling (top-p sort, multinomial) and
-  Python are left out: they are not the model.
+  summed. Only each row's own tokens count, not its left padding: the prompts are 59 tokens at
+  the mean and padded to 66, and padding is not work the tokens need. The prefill unembeds only
+  each row's last position (what decides the first new token). Sampling (top-p sort,
+  multinomial) and Python are left out: they are not the model.
   `roofline_fraction` = tokens_per_s / roofline_tokens_per_s.
+  Two corrections on 2026-11-30: the roofline used to unembed every prompt position in the
+  prefill (~10% too low, fractions ~0.06 too high), and then it counted every row at the padded
+  width (~4% too low, fractions ~0.025 too high at the defaults).
+  `padded_roofline_tokens_per_s` is the roofline between the two corrections (every row at the
+  padded width), to compare with earlier records.
 - `same_greedy_tokens_as_hf` (greedy mode): our tokens equal plain HF's;
   `same_tokens_as_bridge`, `same_tokens_as_default_cache`: neither the HF modules nor the cache
   change a token (sampled too, same seed).
 - `--paths` runs a subset (`fast` always); keys of the paths left out are absent.
-- `batch_size`, `new_tokens`, `prompt_tokens` (padded width), `n_runs` (paths interleaved per run;
-  medians), `load_average` (1-minute at start and end: the machine may be shared).
+- `batch_size`, `new_tokens`, `prompt_tokens` (padded width), `prompt_tokens_mean` (unpadded),
+  `n_runs` (paths interleaved per run; medians), `load_average` (1-minute at start and end: the machine may be shared).
 
 Prompts are the corpus's story requests in the chat template (`analoglock.corpus`), made here.
 Mode `sample` uses the corpus settings (temperature 0.8, top-p 0.95, repetition penalty 1.1).
@@ -120,14 +126,14 @@ def model_shape(hf) -> dict[str, int]:
     }
 
 
-def roofline_seconds(shape: dict, batch: int, prompt: int, new: int, peak: float, bw: float):
-    """(prefill seconds, decoding seconds) at the machine's limit; see the module docstring."""
+def roofline_seconds(shape: dict, lengths: list[int], new: int, peak: float, bw: float):
+    """(prefill seconds, decoding seconds) at the machine's limit for prompts of these token
+    counts (padding excluded); see the module docstring."""
+    batch, prompt = len(lengths), sum(lengths)
     w_bytes = 4 * (shape["linear_params"] + shape["unembed_params"])
     w_flops = 2 * (shape["linear_params"] + shape["unembed_params"])  # per token
     # the prefill unembeds only each row's last position: that alone decides the first new token
-    prefill_flops = (
-        2 * shape["linear_params"] * batch * prompt + 2 * shape["unembed_params"] * batch
-    )
+    prefill_flops = 2 * shape["linear_params"] * prompt + 2 * shape["unembed_params"] * batch
     heads, kv, dh, layers = (
         shape["n_heads"],
         shape["n_kv_heads"],
@@ -135,16 +141,18 @@ def roofline_seconds(shape: dict, batch: int, prompt: int, new: int, peak: float
         shape["n_layers"],
     )
 
-    def attention(q_tokens: int, ctx: int, causal_square: bool) -> float:
-        pairs = q_tokens * ctx / (2 if causal_square else 1)
-        flops = 4 * batch * layers * heads * dh * pairs  # scores and weighted values
-        kv_bytes = 4 * 2 * batch * layers * kv * dh * ctx  # the compact cache, read once
+    def attention(pairs: float, ctx: int) -> float:
+        """`pairs` query-key products in all, reading `ctx` cached positions in all (rows summed)."""
+        flops = 4 * layers * heads * dh * pairs  # scores and weighted values
+        kv_bytes = 4 * 2 * layers * kv * dh * ctx  # the compact cache, read once
         return max(flops / peak, kv_bytes / bw)
 
-    prefill = max(prefill_flops / peak, w_bytes / bw) + attention(prompt, prompt, True)
+    prefill = max(prefill_flops / peak, w_bytes / bw)
+    prefill += attention(sum(n * n / 2 for n in lengths), prompt)  # causal: half the square
     decode = 0.0
     for step in range(1, new):  # the first new token comes out of the prefill
-        decode += max(batch * w_flops / peak, w_bytes / bw) + attention(1, prompt + step, False)
+        ctx = prompt + batch * step
+        decode += max(batch * w_flops / peak, w_bytes / bw) + attention(ctx, ctx)
     return prefill, decode
 
 
@@ -265,7 +273,10 @@ def main() -> None:
     n_useful = sum(len(r) for r in runs["fast"][0][2])  # before each row's EOS
     shape = model_shape(plain)
     peak, bw = median(peaks) * 1e9, median(bws) * 1e9
-    prefill_s, decode_s = roofline_seconds(shape, len(prompts), ids.shape[1], n_steps, peak, bw)
+    lengths = mask.sum(1).tolist()
+    prefill_s, decode_s = roofline_seconds(shape, lengths, n_steps, peak, bw)
+    # the roofline before 2026-11-30 (evening) counted every row at the padded width
+    padded = sum(roofline_seconds(shape, [ids.shape[1]] * len(lengths), n_steps, peak, bw))
     full_steps = len(prompts) * n_steps
     decode_tokens = len(prompts) * (n_steps - 1)
     roofline = full_steps / (prefill_s + decode_s)
@@ -279,6 +290,7 @@ def main() -> None:
         "roofline_tokens_per_s": round(roofline, 2),
         "roofline_fraction": round(tokens_per_s / roofline, 3),
         "roofline_decode_tokens_per_s": round(decode_tokens / decode_s, 2) if decode_s else None,
+        "padded_roofline_tokens_per_s": round(full_steps / padded, 2),
     }
     named = {
         "bridge": "bridge",
@@ -306,6 +318,7 @@ def main() -> None:
         "max_new_tokens": args.new_tokens,
         "new_tokens_before_eos": n_useful,
         "prompt_tokens": ids.shape[1],
+        "prompt_tokens_mean": round(sum(lengths) / len(lengths), 2),  # padding excluded
         "wall_s": {k: round(v, 2) for k, v in wall.items()},
         "n_runs": args.runs,
         "torch_threads": torch.get_num_threads(),

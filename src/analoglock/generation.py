@@ -34,8 +34,10 @@ Decoding with nothing hooked (the corpus) need not go through the bridge at all:
 for the call (`hf_modules`), so no hook point runs and HF's own attention (SDPA) does, not the
 bridge's reimplementation that materialises every score for its hooks. Those modules then run in
 `decode`, a plain loop that gives transformers' tokens without `generate`'s per-step machinery
-(its cache's per-step concatenation, its processors' full-vocabulary copies), with the linear
-layers of its steps on MKL's prepacked weights wherever those give `F.linear`'s exact bits.
+(its cache's per-step concatenation, its processors' full-vocabulary copies), with a prefill that
+skips most of the padding (other bits in the attention's sums; the same tokens where measured)
+and the linear layers of its steps on MKL's prepacked weights, or transposed copies, wherever
+those give `F.linear`'s exact bits.
 Models it cannot run (a sliding window) and transformers' own sampling go through `generate` as
 before.
 """
@@ -72,13 +74,15 @@ class PrefixKVLayer(DynamicLayer):
     heads, as `repeat_kv` would). `keys`/`values` are views of the filled part, so a step copies
     one position instead of the whole cache (transformers' `DynamicLayer` concatenates).
 
-    `decode` drives it with the compact heads: a prefill chunk writes its `rows`; the loop advances
-    `length` once every row has the new positions (`advance`)."""
+    `decode` drives it with the compact heads: a prefill chunk writes its `rows` (a slice or an
+    index tensor) from position `pad` on, zeroing the positions before it in those rows (padding
+    they never attend to; zeros keep the masked scores finite); the loop advances `length` once
+    every row has the new positions (`advance`)."""
 
     def __init__(self, batch: int | None, capacity: int, n_rep: int = 1):
         super().__init__()
         self.batch, self.capacity, self.n_rep = batch, int(capacity), int(n_rep)
-        self.length, self.rows = 0, slice(None)
+        self.length, self.rows, self.pad = 0, slice(None), 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -98,12 +102,18 @@ class PrefixKVLayer(DynamicLayer):
         start, end = self.length, self.length + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"{type(self).__name__} holds {self.capacity} positions; asked for {end}")  # fmt: skip
+        rows = self.rows
         for buf, new in ((self._k, key_states), (self._v, value_states)):
             b, h, t, d = new.shape  # head j of the buffer holds kv head j // n_rep, as repeat_kv
-            buf[self.rows, :, start:end].view(b, h, self.n_rep, t, d).copy_(
-                new.unsqueeze(2).expand(b, h, self.n_rep, t, d)
-            )
-        self.keys, self.values = self._k[self.rows, :, :end], self._v[self.rows, :, :end]
+            wide = new.unsqueeze(2).expand(b, h, self.n_rep, t, d)
+            if isinstance(rows, slice):
+                buf[rows, :, start:end].view(b, h, self.n_rep, t, d).copy_(wide)
+            else:
+                buf[rows, :, start:end] = wide.reshape(b, h * self.n_rep, t, d)
+        if self.pad:
+            self._k[rows, :, : self.pad] = 0
+            self._v[rows, :, : self.pad] = 0
+        self.keys, self.values = self._k[rows, :, :end], self._v[rows, :, :end]
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -115,7 +125,7 @@ class PrefixKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.length, self.rows = 0, slice(None)
+        self.length, self.rows, self.pad = 0, slice(None), 0
 
     def _unsupported(self, *args, **kwargs):
         raise NotImplementedError(
@@ -132,9 +142,15 @@ class PrefixKVCache(DynamicCache):
     def __init__(self, n_layers: int, batch: int, capacity: int):
         Cache.__init__(self, layers=[PrefixKVLayer(batch, capacity) for _ in range(n_layers)])
 
-    def write_rows(self, rows: slice) -> None:
+    def write_rows(self, rows: slice | torch.Tensor, pad: int = 0) -> None:
+        """The next forward writes these rows' positions from `pad` on (see `PrefixKVLayer`)."""
         for layer in self.layers:
-            layer.rows = rows
+            layer.rows, layer.pad, layer.length = rows, pad, pad
+
+    def prefilled(self, width: int) -> None:
+        """Every row holds `width` positions: decoding steps write the whole batch after them."""
+        for layer in self.layers:
+            layer.rows, layer.pad, layer.length = slice(None), 0, width
 
     def advance(self, n: int) -> None:
         for layer in self.layers:
@@ -233,29 +249,33 @@ def _mkl_linear_ok() -> bool:
         return False
 
 
-# (rows, in, out, bias?) -> whether MKL's packed product equals F.linear's bit for bit here
-_PACKED_EQUAL: dict[tuple[int, int, int, bool], bool] = {}
+# (rows, in, out, bias?) -> how a decoding step's linear runs here: "packed" (MKL's prepacked
+# GEMM) or "transposed" (a matmul with a contiguous transposed weight), the first of them whose
+# product equals F.linear's bit for bit on a probe, else "linear" (F.linear itself)
+_STEP_KIND: dict[tuple[int, int, int, bool], str] = {}
 
 
 class _DecodeLinear(torch.nn.Module):
     """A linear layer as `decode` runs it: the same weight (and bias, unless it is all zeros, as
-    the bridge leaves it on the output layer), on a contiguous input, through MKL's prepacked
-    GEMM (`torch.ops.mkl._mkl_linear`, what inductor's freezing uses) for a decoding step's
-    `rows`-row input when that product equals `F.linear`'s bit for bit on this machine, else
-    `F.linear` itself.
+    the bridge leaves it on the output layer), on a contiguous input. A decoding step's
+    `rows`-row input goes through MKL's prepacked GEMM (`torch.ops.mkl._mkl_linear`, what
+    inductor's freezing uses) where that product equals `F.linear`'s bit for bit on this
+    machine, else through a matmul with a contiguous transposed copy of the weight where that
+    does, else through `F.linear` itself; other inputs (the prefill's) through `F.linear`.
 
     Why: at batch 128 the block weights stream from memory every step and MKL re-packs each one
     per call; prepacked, the 576-wide projections ran 10-25% faster (SmolLM2, gate/up 0.83 ->
     0.67 ms, unembedding 25.5 -> 19.2 ms) and a sampled step 206-210 -> 188-193 ms. Bit equality
     is checked once per shape with a random probe (a different summation order shows in some of
-    the rows x out sums), so tokens stay transformers' own; SmolLM2's down projection (1536 wide)
-    differs in the last bits and keeps `F.linear`. Only steps: on the prefill's [rows x prompt, d]
-    inputs the packed weights ran slower in the model. The packed copies live in `store` (one per
-    model, kept across calls: packing them afresh before each call cost ~0.3 s and slowed the
-    prefill after it by up to ~1.5 s, ~0.5 GB of new pages; for SmolLM2 they hold ~0.45 GB while
-    the model lives) and are packed again when the weight changes in place. Why contiguous: HF
-    slices the prefill's last position ([batch, 1, d] with the prompt's stride) and a linear on
-    that view ran as one matrix-vector product per row (373 ms at batch 128, against ~20 ms)."""
+    the rows x out sums), so tokens stay transformers' own. SmolLM2's down projection (1536 wide)
+    differs packed in the last bits; with the transposed copy it gives F.linear's bits, 8% faster
+    (0.61 against 0.66 ms). Only steps: on the prefill's [rows x prompt, d] inputs the packed
+    weights ran slower in the model. The copies live in `store` (one per model, kept across
+    calls: packing them afresh before each call cost ~0.3 s and slowed the prefill after it by up
+    to ~1.5 s, ~0.5 GB of new pages; for SmolLM2 they hold ~0.55 GB while the model lives) and
+    are made again when the weight changes in place. Why contiguous: HF slices the prefill's last
+    position ([batch, 1, d] with the prompt's stride) and a linear on that view ran as one
+    matrix-vector product per row (373 ms at batch 128, against ~20 ms)."""
 
     def __init__(self, linear: torch.nn.Linear, rows: int, store: dict):
         super().__init__()
@@ -263,32 +283,47 @@ class _DecodeLinear(torch.nn.Module):
         bias = linear.bias
         self.bias = None if bias is None or not bias.any() else bias
         w = self.weight
-        self.packable = w.device.type == "cpu" and w.dtype == torch.float32 and _mkl_linear_ok()
+        self.steps = w.device.type == "cpu" and w.dtype == torch.float32 and _mkl_linear_ok()
         self.rows, self._store = rows, store
 
-    def packed(self) -> torch.Tensor:
-        """MKL's packed copy of the weight for `rows`-row inputs, from the store when current."""
+    def copy(self, kind: str) -> torch.Tensor:
+        """The weight packed by MKL for `rows`-row inputs, or transposed, from the store when
+        current (one copy per weight)."""
         w = self.weight
         hit = self._store.get(id(w))
-        if hit is None or hit[0] is not w or hit[1:3] != (w._version, self.rows):
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), self.rows)
-            self._store[id(w)] = hit = (w, w._version, self.rows, packed)
-        return hit[3]
+        if hit is None or hit[0] is not w or hit[1:4] != (w._version, self.rows, kind):
+            if kind == "packed":
+                made = torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), self.rows)
+            else:
+                made = w.detach().t().contiguous()
+            self._store[id(w)] = hit = (w, w._version, self.rows, kind, made)
+        return hit[4]
+
+    def run(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        if kind == "packed":
+            return torch.ops.mkl._mkl_linear(x, self.copy(kind), self.weight, self.bias, self.rows)
+        if kind == "transposed":
+            t = self.copy(kind)
+            return x @ t if self.bias is None else torch.addmm(self.bias, x, t)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    def kind(self) -> str:
+        """How this shape's steps run (see `_STEP_KIND`), probed on first use."""
+        out_f, in_f = self.weight.shape
+        key = (self.rows, in_f, out_f, self.bias is not None)
+        if key not in _STEP_KIND:  # a private generator: the sampler's draws stay the same
+            probe = torch.randn(self.rows, in_f, generator=torch.Generator().manual_seed(0))
+            want = torch.nn.functional.linear(probe, self.weight, self.bias)
+            kinds = ("packed", "transposed")
+            _STEP_KIND[key] = next(
+                (k for k in kinds if torch.equal(self.run(k, probe), want)), "linear"
+            )
+        return _STEP_KIND[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
-        out_f, in_f = self.weight.shape
-        key = (self.rows, in_f, out_f, self.bias is not None)
-        if self.packable and x.numel() // in_f == self.rows and _PACKED_EQUAL.get(key, True):
-            packed = self.packed()
-            if key not in _PACKED_EQUAL:  # a private generator: the sampler's draws stay the same
-                probe = torch.randn(self.rows, in_f, generator=torch.Generator().manual_seed(0))
-                mkl = torch.ops.mkl._mkl_linear(probe, packed, self.weight, self.bias, self.rows)
-                _PACKED_EQUAL[key] = torch.equal(
-                    mkl, torch.nn.functional.linear(probe, self.weight, self.bias)
-                )
-            if _PACKED_EQUAL[key]:
-                return torch.ops.mkl._mkl_linear(x, packed, self.weight, self.bias, self.rows)
+        if self.steps and x.numel() // self.weight.shape[1] == self.rows:
+            return self.run(self.kind(), x)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
@@ -495,21 +530,29 @@ def decode(
     pad_token_id: int,
     sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
     repetition_penalty: float = 1.0,
-    prefill_rows: int = 32,
+    prefill_rows: int = 16,
     on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """New token ids [batch, <= max_new_tokens] of a left-padded batch, greedy (`sample=None`) or
     drawn by `sample(scores) -> ids` (which may overwrite scores). Rows that ended hold
-    `pad_token_id` after their EOS; the loop stops once every row has ended. The tokens of
-    transformers' `generate` (same greedy choice, same repetition penalty, same sampler and
-    draws), without its per-step machinery:
+    `pad_token_id` after their EOS; the loop stops once every row has ended. Transformers'
+    `generate` (same greedy choice, same repetition penalty, same sampler and draws), without its
+    per-step machinery:
 
     - keys and values go to a `PrefixKVCache` sized for the generation (no per-step copy);
-    - the prompt is prefilled `prefill_rows` rows at a time (measured at batch 128: 6.8-7.0 s in
-      chunks of 32 rows, 8.4-9.6 s at once; we think because the whole batch's [8448, 1536]
-      activations outgrow the caches, untested);
-    - every linear layer, the output layer too, runs on MKL's prepacked weights where that gives
-      `F.linear`'s exact numbers, on a contiguous input, without an all-zero bias (`_DecodeLinear`).
+    - the prompt is prefilled `prefill_rows` rows at a time, the rows taken in order of length,
+      and each chunk skips the columns that are padding in all its rows (its queries start at its
+      longest row; its keys span the whole width, zeros before that, masked as before). At batch
+      128 (story requests of 53-66 tokens, padded to 66) that computes 1.7% more positions than
+      the tokens, against 11.9% for the padded batch: the prefill took 5.5-5.9 s against
+      6.5-7.6 s. Chunks of 16 rows: 5.46-5.61 s, 32 rows: 5.44-5.88 s, 8 rows: 6.06-6.15 s.
+      The numbers change in the last bits, which the tokens need not show: the CPU SDPA kernel
+      sums a query's row differently when it sits elsewhere in its block of 32 queries (logits
+      differ by up to ~5e-5). At batch 128, 64 new tokens, the greedy tokens stay plain HF's and
+      the sampled ones the bridge's;
+    - every linear layer of a step, the output layer too, runs on MKL's prepacked weights, or a
+      transposed copy, where that gives `F.linear`'s exact numbers, on a contiguous input,
+      without an all-zero bias (`_DecodeLinear`).
 
     `hf` must be `decodable`; `on_step` is called once per new token, before it is chosen."""
     if not decodable(hf):
@@ -521,15 +564,21 @@ def decode(
     new = ids.new_full((b, max_new_tokens), pad_token_id)
     running = torch.ones(b, dtype=torch.bool, device=ids.device)
     with _decode_linears(hf, b):
-        last = []
+        # Rows by length, so that a chunk skips the columns that are padding in all its rows:
+        # its queries start there, its keys still span the whole width (masked zeros before it)
+        order, scores = torch.argsort(mask.sum(1), stable=True), None
         for r0 in range(0, b, prefill_rows):
-            rows = slice(r0, min(b, r0 + prefill_rows))
-            cache.write_rows(rows)
-            out = hf(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions[rows],
-                     cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
-            last.append(out.logits[:, -1])
-        cache.advance(width)
-        scores, seen, position = torch.cat(last).float(), ids, positions[:, -1:]
+            rows = order[r0 : r0 + prefill_rows]
+            pad = int(mask[rows].any(0).int().argmax())  # the first column with a token
+            cache.write_rows(rows, pad)
+            out = hf(input_ids=ids[rows, pad:], attention_mask=mask[rows],
+                     position_ids=positions[rows, pad:], cache=cache, use_cache=True,
+                     logits_to_keep=1)  # fmt: skip
+            if scores is None:
+                scores = out.logits.new_empty(b, out.logits.shape[-1])
+            scores[rows] = out.logits[:, -1]
+        cache.prefilled(width)
+        scores, seen, position = scores.float(), ids, positions[:, -1:]
         for step in range(max_new_tokens):
             if repetition_penalty != 1.0:
                 _penalise_repeats_(scores, seen, repetition_penalty)

@@ -253,6 +253,32 @@ def test_prefix_layer_written_in_row_chunks_returns_the_concatenation():
         layer.update(ks[-1], vs[-1])
 
 
+def test_prefix_cache_prefilled_by_length_skips_shared_padding():
+    """`decode`'s prefill: rows taken out of order (an index), each chunk from the first column
+    any of its rows has a token; the columns before read as zeros, whatever the buffer held."""
+    cache = generation.PrefixKVCache(n_layers=1, batch=3, capacity=6)
+    layer = cache.layers[0]
+    k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    for rows, pad in ((torch.tensor([2, 0]), 2), (torch.tensor([1]), 0)):
+        cache.write_rows(rows, pad)
+        assert cache.get_seq_length() == pad  # the mask's key length: pad + the chunk's width
+        if pad:
+            layer.lazy_initialization(k, v)
+            layer._k.fill_(float("nan"))  # what an uninitialised buffer may hold
+            layer._v.fill_(float("nan"))
+        keys, values = layer.update(k[rows, :, pad:], v[rows, :, pad:])
+        expect_k, expect_v = k[rows].clone(), v[rows].clone()
+        expect_k[:, :, :pad] = 0
+        expect_v[:, :, :pad] = 0
+        assert torch.equal(keys, expect_k) and torch.equal(values, expect_v)
+    cache.prefilled(5)
+    step_k, step_v = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+    keys, _ = layer.update(step_k, step_v)
+    assert cache.get_seq_length() == 5 and keys.shape == (3, 2, 6, 4)
+    assert torch.equal(keys[1, :, :5], k[1]) and torch.equal(keys[:, :, 5:], step_k)
+    assert (keys[[0, 2], :, :2] == 0).all() and torch.equal(keys[[0, 2], :, 2:5], k[[0, 2], :, 2:])
+
+
 def test_top_k_by_blocks_equals_topk():
     """The block shortcut returns topk's values (and, for distinct values, its indices), also
     when every winner sits in one block or every value ties."""
@@ -272,7 +298,7 @@ def test_top_k_by_blocks_equals_topk():
 
 
 def test_decode_linear_gives_f_linears_bits_and_leaves_the_random_stream_alone():
-    """`_DecodeLinear` (MKL-packed for a step's rows where the bits agree) returns `F.linear`'s
+    """`_DecodeLinear` (packed or transposed for a step's rows where the bits agree) returns `F.linear`'s
     exact numbers for every input shape, on contiguous and strided inputs, with and without a
     bias, and draws its bit-check probe from a generator of its own."""
     import torch.nn.functional as F
@@ -292,19 +318,19 @@ def test_decode_linear_gives_f_linears_bits_and_leaves_the_random_stream_alone()
     assert generation._DecodeLinear(zero, rows=2, store={}).bias is None  # a zero bias is skipped
 
 
-def test_decode_linear_keeps_packed_weights_until_the_weight_changes():
+def test_decode_linear_keeps_its_weight_copy_until_the_weight_changes():
     import pytest
 
     if not generation._mkl_linear_ok():
         pytest.skip("this torch has no MKL packed GEMM (not an x86 build)")
-    lin, store = torch.nn.Linear(64, 32, bias=False), {}
-    first = generation._DecodeLinear(lin, rows=4, store=store).packed()
-    again = generation._DecodeLinear(lin, rows=4, store=store).packed()
-    assert again is first and len(store) == 1  # a later decode call reuses it
-    with torch.no_grad():
-        lin.weight.mul_(2)  # edited in place: packed again, and right
-    packed = generation._DecodeLinear(lin, rows=4, store=store).packed()
-    assert packed is not first
     x = torch.randn(4, 64)
-    got = torch.ops.mkl._mkl_linear(x, packed, lin.weight, None, 4)
-    torch.testing.assert_close(got, x @ lin.weight.T)
+    for kind in ("packed", "transposed"):
+        lin, store = torch.nn.Linear(64, 32, bias=False), {}
+        first = generation._DecodeLinear(lin, rows=4, store=store).copy(kind)
+        again = generation._DecodeLinear(lin, rows=4, store=store).copy(kind)
+        assert again is first and len(store) == 1  # a later decode call reuses it
+        with torch.no_grad():
+            lin.weight.mul_(2)  # edited in place: made again, and right
+        layer = generation._DecodeLinear(lin, rows=4, store=store)
+        assert layer.copy(kind) is not first and len(store) == 1
+        torch.testing.assert_close(layer.run(kind, x), x @ lin.weight.T)
