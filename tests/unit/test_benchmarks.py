@@ -136,6 +136,9 @@ def test_bench_decode(tiny_dir, tmp_path):
             "batch_size", "new_tokens", "n_runs", "load_average"}  # fmt: skip
     assert keys <= set(out) and out["batch_size"] == 3 and out["n_runs"] == 1
     assert out["roofline_fraction"] > 0 and out["roofline_tokens_per_s"] > 0
+    # the roofline counts each row's tokens: padding only ever made it lower
+    assert out["prompt_tokens_mean"] <= out["prompt_tokens"]
+    assert out["padded_roofline_tokens_per_s"] <= out["roofline_tokens_per_s"]
     assert out["same_greedy_tokens_as_hf"] and out["same_tokens_as_default_cache"]
     assert out["same_tokens_as_bridge"] and out["bridge_tokens_per_s"] > 0
     assert out["profile_ms_per_step"] and all(v >= 0 for v in out["profile_ms_per_step"].values())
@@ -146,6 +149,20 @@ def test_bench_decode(tiny_dir, tmp_path):
     assert out["mode"] == "sample" and isinstance(out["same_tokens_as_bridge"], bool)
     assert out["hf_sampling_tokens_per_s"] > 0 and "same_greedy_tokens_as_hf" not in out
     assert "default_cache_tokens_per_s" not in out and "hf_tokens_per_s" not in out  # not asked
+
+
+def test_decode_roofline_counts_tokens_not_padding():
+    roofline = runpy.run_path(str(SCRIPTS / "bench_decode.py"))["roofline_seconds"]
+    shape = {"linear_params": 10**6, "unembed_params": 10**5, "embed_dim": 64, "n_layers": 2,
+             "n_heads": 4, "n_kv_heads": 2, "d_head": 16}  # fmt: skip
+    ragged = sum(roofline(shape, [40, 66], 8, 1e11, 1e10))
+    padded = sum(roofline(shape, [66, 66], 8, 1e11, 1e10))
+    assert ragged < padded
+    # compute-bound at this bandwidth: 106 tokens through the blocks, 2 unembedded, and
+    # attention over half of each row's square of its own tokens
+    prefill, decode = roofline(shape, [40, 66], 1, 1e11, 1e20)
+    flops = 2 * 10**6 * 106 + 2 * 10**5 * 2 + 4 * 2 * 4 * 16 * (40**2 + 66**2) / 2
+    assert prefill == pytest.approx(flops / 1e11) and decode == 0
 
 
 def test_bench_kernels(tmp_path):
