@@ -535,9 +535,9 @@ def decode(
 ) -> torch.Tensor:
     """New token ids [batch, <= max_new_tokens] of a left-padded batch, greedy (`sample=None`) or
     drawn by `sample(scores) -> ids` (which may overwrite scores). Rows that ended hold
-    `pad_token_id` after their EOS; the loop stops once every row has ended. Transformers'
-    `generate` (same greedy choice, same repetition penalty, same sampler and draws), without its
-    per-step machinery:
+    `pad_token_id` after their EOS; the loop stops once every row has ended. It does what
+    transformers' `generate` does (same greedy choice, same repetition penalty, same sampler and
+    draws), without its per-step machinery:
 
     - keys and values go to a `PrefixKVCache` sized for the generation (no per-step copy);
     - the prompt is prefilled `prefill_rows` rows at a time, the rows taken in order of length,
