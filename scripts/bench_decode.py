@@ -29,7 +29,7 @@ Prints ONE JSON object:
   `roofline_fraction` = tokens_per_s / roofline_tokens_per_s.
   Two corrections on 2026-11-30: the roofline used to unembed every prompt position in the
   prefill (~10% too low, fractions ~0.06 too high), and then it counted every row at the padded
-  width (~4% too low, fractions ~0.025 too high at the defaults).
+  width (~5% too low, fractions ~0.03 too high at the defaults: 776.5 against 818.4 tokens/s).
   `padded_roofline_tokens_per_s` is the roofline between the two corrections (every row at the
   padded width), to compare with earlier records.
 - `same_greedy_tokens_as_hf` (greedy mode): our tokens equal plain HF's;
@@ -37,7 +37,8 @@ Prints ONE JSON object:
   change a token (sampled too, same seed).
 - `--paths` runs a subset (`fast` always); keys of the paths left out are absent.
 - `batch_size`, `new_tokens`, `prompt_tokens` (padded width), `prompt_tokens_mean` (unpadded),
-  `n_runs` (paths interleaved per run; medians), `load_average` (1-minute at start and end: the machine may be shared).
+  `n_runs` (paths interleaved per run; medians), `load_average` (1-minute at start and end: the
+  machine may be shared).
 
 Prompts are the corpus's story requests in the chat template (`analoglock.corpus`), made here.
 Mode `sample` uses the corpus settings (temperature 0.8, top-p 0.95, repetition penalty 1.1).
@@ -142,7 +143,7 @@ def roofline_seconds(shape: dict, lengths: list[int], new: int, peak: float, bw:
     )
 
     def attention(pairs: float, ctx: int) -> float:
-        """`pairs` query-key products in all, reading `ctx` cached positions in all (rows summed)."""
+        """`pairs` query-key products, reading `ctx` cached positions (all rows summed)."""
         flops = 4 * layers * heads * dh * pairs  # scores and weighted values
         kv_bytes = 4 * 2 * layers * kv * dh * ctx  # the compact cache, read once
         return max(flops / peak, kv_bytes / bw)

@@ -330,8 +330,9 @@ class _DecodeLinear(torch.nn.Module):
 @contextmanager
 def _decode_linears(hf, rows: int) -> Iterator[int]:
     """Every `torch.nn.Linear` of `hf` (the output layer too) swapped for a `_DecodeLinear`
-    for `rows`-row steps; put back on exit, even on error. Yields how many. The packed weights
-    stay on `hf` (`_decode_packed`) for the next call; entries of weights it no longer has go."""
+    for `rows`-row steps; put back on exit, even on error. Yields how many. The weight copies
+    (packed or transposed) stay on `hf` (`_decode_weights`) for the next call; entries of weights
+    it no longer has go."""
     swaps = [
         (parent, name, child)
         for parent in hf.modules()
@@ -339,8 +340,8 @@ def _decode_linears(hf, rows: int) -> Iterator[int]:
         if type(child) is torch.nn.Linear
     ]
     current = {id(child.weight) for _, _, child in swaps}
-    store = {k: v for k, v in hf.__dict__.get("_decode_packed", {}).items() if k in current}
-    hf.__dict__["_decode_packed"] = store
+    store = {k: v for k, v in hf.__dict__.get("_decode_weights", {}).items() if k in current}
+    hf.__dict__["_decode_weights"] = store
     try:
         for parent, name, child in swaps:
             setattr(parent, name, _DecodeLinear(child, rows, store))
