@@ -14,7 +14,7 @@ Prints ONE JSON object:
   `ExpandedKVCache`).
 - `hf_sampling_tokens_per_s` (sample mode): the bridge sampling with transformers' own warpers
   (`hf_sampling=True`: a full-vocabulary sort and softmax draw per step) instead of
-  `generation.nucleus_sample` (the same distribution, other draws).
+  `sampling.nucleus_sample` (the same distribution, other draws).
 - `hf_tokens_per_s`: plain Hugging Face `generate` on an unwrapped copy of the model (eager
   attention, default cache), same ids, same settings.
 - `roofline_tokens_per_s`: the fastest this machine could produce the same tokens with these

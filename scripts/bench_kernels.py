@@ -9,7 +9,7 @@ Two questions from issue 16, answered by measurement rather than assumed:
 - `sampling_ms`: what one sampled decoding step's token choice costs over the vocabulary at the
   corpus settings (temperature 0.8, top-p 0.95, repetition penalty 1.1): transformers' warpers
   then a softmax draw (`hf_sampling=True` in `analoglock.generation.generate`) against
-  `analoglock.generation.nucleus_sample` (the default), on logits with a language model's spread.
+  `analoglock.sampling.nucleus_sample` (the default), on logits with a language model's spread.
 Best of `--repeats` after one warm-up, `--threads` torch threads.
 
     .venv/bin/python scripts/bench_kernels.py [--threads 2] [--batch 16 128]
@@ -100,7 +100,7 @@ def time_sampling(logits: torch.Tensor, repeats: int, gen: torch.Generator) -> d
         TopPLogitsWarper,
     )
 
-    from analoglock.generation import nucleus_sample
+    from analoglock.sampling import nucleus_sample
 
     ids = torch.randint(logits.shape[-1], (logits.shape[0], 100), generator=gen)
     rep, temp, top_p = (
@@ -125,24 +125,25 @@ def time_sampling(logits: torch.Tensor, repeats: int, gen: torch.Generator) -> d
 def model_logits(spec: str, batch: int, steps: int) -> torch.Tensor:
     """The scores `nucleus_sample` sees at the first `steps` steps of a corpus batch: [steps *
     batch, vocab], after the repetition penalty, in the order they came."""
-    from analoglock import generation
+    from analoglock import generation, sampling
     from analoglock.corpus import batch_requests
     from analoglock.model import load_model
 
     model = load_model(spec)
     prompts = [generation.chat_prompt(model, r) for r in batch_requests(0, 0, batch)]
-    seen, sample = [], generation.nucleus_sample
+    seen, sample = [], sampling.nucleus_sample
 
     def keep(scores, *args, **kwargs):
         seen.append(scores.clone())
         return sample(scores, *args, **kwargs)
 
-    generation.nucleus_sample = keep
+    # through the bridge, so transformers' generate calls it from `sampling.NucleusSampler`
+    sampling.nucleus_sample = keep
     try:
         generation.generate(model, prompts, max_new_tokens=steps, do_sample=True, temperature=0.8,
                             top_p=0.95, repetition_penalty=1.1, seed=0, batch_size=batch)  # fmt: skip
     finally:
-        generation.nucleus_sample = sample
+        sampling.nucleus_sample = sample
     return torch.cat(seen)
 
 

@@ -105,7 +105,7 @@ class CorpusSettings:
     top_p: float
     repetition_penalty: float = 1.0
     prompt_version: int = PROMPT_VERSION
-    # how tokens are drawn (generation.nucleus_sample since 2026-11-30; files made before were
+    # how tokens are drawn (sampling.nucleus_sample since 2026-11-30; files made before were
     # drawn by transformers' warpers: the same distribution, other draws for the same seed)
     sampler: str = "nucleus"
     # what runs the model (the HF modules the bridge wraps since 2026-11-30, 05:00 UTC; files made
@@ -349,7 +349,7 @@ def generate_corpus(
 ) -> Path:
     """Sample short stories into a JSONL file until it holds at least `n_tokens` story tokens.
 
-    `sampler` is how tokens are drawn: "nucleus" (`generation.nucleus_sample`) or "transformers"
+    `sampler` is how tokens are drawn: "nucleus" (`sampling.nucleus_sample`) or "transformers"
     (its own warpers; what files made before 2026-11-30 used, so they can be extended as made).
     `decoder` is what runs the model: "hf_modules" (`generate(hook_points=False)`: faster, no hook
     point runs) or "bridge" (what files that record no decoder were made with).

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from analoglock import generation
-from analoglock.generation import ExpandedKVLayer, _grouped_attention, generate, nucleus_sample
+from analoglock import generation, sampling
+from analoglock.generation import ExpandedKVLayer, _grouped_attention, generate
+from analoglock.sampling import nucleus_sample
 
 PROMPTS = ["Once upon a time, a tortoise", "The manager said", "Hi"]
 
@@ -199,7 +200,7 @@ def test_decode_gives_transformers_tokens_with_repeats_penalised_and_rows_ending
     # the penalty, in place, is transformers'
     scores, seen = torch.randn(3, 50), torch.randint(0, 50, (3, 7))
     expected = RepetitionPenaltyLogitsProcessor(1.3)(seen, scores.clone())
-    generation._penalise_repeats_(scores, seen, 1.3)
+    sampling.penalise_repeats_(scores, seen, 1.3)
     assert torch.equal(scores, expected)
 
 
@@ -287,14 +288,14 @@ def test_top_k_by_blocks_equals_topk():
     x[1, 640:704] += 10  # row 1: all of the top 5 in one block
     x[2] = 3.0  # row 2: all equal
     for k in (1, 5, 10):
-        top, idx = generation._top_k(x, k)
+        top, idx = sampling._top_k(x, k)
         ref_top, ref_idx = x.topk(k, dim=-1)
         assert torch.equal(top, ref_top)
         assert torch.equal(idx[[0, 1, 3, 4]], ref_idx[[0, 1, 3, 4]])
         assert torch.equal(x.gather(1, idx), top)  # the indices point at those values
         assert all(len(set(row)) == k for row in idx.tolist())  # distinct, ties too
     wide = torch.randn(2, 64 * 8)  # too few blocks to gain: topk itself
-    assert torch.equal(generation._top_k(wide, 5)[1], wide.topk(5, dim=-1).indices)
+    assert torch.equal(sampling._top_k(wide, 5)[1], wide.topk(5, dim=-1).indices)
 
 
 def test_decode_linear_gives_f_linears_bits_and_leaves_the_random_stream_alone():
