@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.logits_process import LogitsProcessor
 
+from analoglock.hooks import resid_boundary
 from analoglock.sampling import (
     NucleusSampler,
     nucleus_sample,
@@ -383,6 +384,76 @@ def hf_modules(model) -> Iterator[int]:
             setattr(parent, name, child)
 
 
+def hf_hook_sites(model, names: Sequence[str]) -> list[tuple[int, int]] | None:
+    """(layer, 0 for the decoder layer's input or 1 for its output) of each hook name, when every
+    one is a residual-stream state at a Hugging Face decoder layer's boundary
+    (`blocks.L.hook_resid_pre` / `hook_resid_post`, and their aliases `hook_in` / `hook_out`) and
+    the model keeps its layers where Llama, Qwen, Gemma and kin do (`model.layers`); else None."""
+    hf = model.original_model
+    layers = getattr(getattr(hf, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) != hf.config.num_hidden_layers:
+        return None
+    sites = [resid_boundary(name) for name in names]
+    if any(at is None or at[0] >= len(layers) for at in sites):
+        return None
+    return sites
+
+
+@contextmanager
+def hf_hooks(model, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
+    """`fwd_hooks` ((name, fn(x, hook)) as `model.hooks` takes them) attached as torch hooks at
+    the Hugging Face decoder layers' inputs and outputs, for decoding with `hf_modules` (where no
+    hook point runs; enter this first, while the hook points are there to look up); removed on
+    exit, even on error. Each fn gets the bridge's own hook point as
+    `hook`, and what it returns (unless None) replaces the residual stream, as at the hook point. The names must
+    have `hf_hook_sites`. Hooks at one state run in the order given, as TransformerLens runs them.
+    """
+    fwd_hooks = list(fwd_hooks)
+    sites = hf_hook_sites(model, [name for name, _ in fwd_hooks])
+    if sites is None:
+        names = [name for name, _ in fwd_hooks]
+        raise ValueError(
+            f"hooks {names} are not all at decoder layers' inputs or outputs; without hook points "
+            "only blocks.L.hook_resid_pre / hook_resid_post (hook_in / hook_out) can run"
+        )
+    # the Hugging Face layers, whether or not the bridge's blocks wrap them at the moment
+    layers = [getattr(m, "original_component", m) for m in model.original_model.model.layers]
+    handles = []
+
+    def call(fn, point, x):  # a hook that returns None leaves the stream as it is
+        y = fn(x, hook=point)
+        return x if y is None else y
+
+    def before(fn, point):
+        def pre(module, args, kwargs):
+            if args:
+                return (call(fn, point, args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": call(fn, point, kwargs["hidden_states"])}
+
+        return pre
+
+    def after(fn, point):
+        def post(module, args, out):
+            if isinstance(out, tuple):  # families whose layers return (hidden_states, ...)
+                return (call(fn, point, out[0]), *out[1:])
+            return call(fn, point, out)
+
+        return post
+
+    try:
+        for (name, fn), (layer, side) in zip(fwd_hooks, sites, strict=True):
+            point = model.hook_dict[name]
+            if side == 0:
+                h = layers[layer].register_forward_pre_hook(before(fn, point), with_kwargs=True)
+            else:
+                h = layers[layer].register_forward_hook(after(fn, point))
+            handles.append(h)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class _OnStep(LogitsProcessor):
     """Calls `fn` once per decoding step and leaves the scores alone (progress without hooks)."""
 
@@ -431,7 +502,8 @@ def decode(
       The numbers change in the last bits, which the tokens need not show: the CPU SDPA kernel
       sums a query's row differently when it sits elsewhere in its block of 32 queries (logits
       differ by up to ~5e-5). At batch 128, 64 new tokens, the greedy tokens stay plain HF's and
-      the sampled ones the bridge's;
+      the sampled ones the bridge's. With `prefill_rows` >= the batch, one pass over the whole
+      padded batch in its own order (for hooks: `hf_hooks`);
     - every linear layer of a step, the output layer too, runs on MKL's prepacked weights, or a
       transposed copy, where that gives `F.linear`'s exact numbers, on a contiguous input,
       without an all-zero bias (`_DecodeLinear`).
@@ -448,10 +520,14 @@ def decode(
     with _decode_linears(hf, b):
         # Rows by length, so that a chunk skips the columns that are padding in all its rows:
         # its queries start there, its keys still span the whole width (masked zeros before it)
-        order, scores = torch.argsort(mask.sum(1), stable=True), None
+        whole = prefill_rows >= b  # one pass over the batch as given (what hooks expect)
+        order = (
+            torch.arange(b, device=ids.device) if whole else torch.argsort(mask.sum(1), stable=True)
+        )
+        scores = None
         for r0 in range(0, b, prefill_rows):
             rows = order[r0 : r0 + prefill_rows]
-            pad = int(mask[rows].any(0).int().argmax())  # the first column with a token
+            pad = 0 if whole else int(mask[rows].any(0).int().argmax())  # its first token column
             cache.write_rows(rows, pad)
             out = hf(input_ids=ids[rows, pad:], attention_mask=mask[rows],
                      position_ids=positions[rows, pad:], cache=cache, use_cache=True,
@@ -533,14 +609,19 @@ def generate(
     `fast_cache=False` decodes with transformers' default cache instead of `ExpandedKVCache`
     (same tokens; for comparison). Sampling draws with `nucleus_sample`; `hf_sampling=True`
     samples with transformers' own warpers instead (the same distribution, slower, other draws).
-    `hook_points=False` decodes with the Hugging Face modules the bridge wraps (`hf_modules`) and
-    transformers' cache: faster, nothing hooked can run, so `fwd_hooks` must be empty. `on_step`
-    is called once per decoding step (a progress bar's tick).
+    `hook_points=False` decodes with the Hugging Face modules the bridge wraps (`hf_modules`), in
+    `decode` where it can run: faster (greedy at batch 16: ~1.6x), and no hook point fires, so
+    `fwd_hooks` may only sit at decoder layers' inputs and outputs, where `hf_hooks` attaches them
+    (hook_resid_pre / hook_resid_post; the prompt is then prefilled in one pass, as hooks expect;
+    the numbers differ from the bridge's in the last bits: SDPA attention). `on_step` is called
+    once per decoding step (a progress bar's tick).
     """
-    if not hook_points and fwd_hooks:
+    fwd_hooks = list(fwd_hooks)
+    if not hook_points and fwd_hooks and hf_hook_sites(model, [n for n, _ in fwd_hooks]) is None:
         raise ValueError(
-            "hook_points=False decodes without the bridge, so fwd_hooks would never run; pass "
-            "hook_points=True (the default) to decode with hooks."
+            f"hook_points=False decodes without the bridge's hook points, so hooks can sit only at "
+            f"decoder layers' inputs and outputs (blocks.L.hook_resid_pre / hook_resid_post); got "
+            f"{[n for n, _ in fwd_hooks]}. Pass hook_points=True (the default) for other hooks."
         )
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     check_lengths(
@@ -582,11 +663,14 @@ def generate(
             # decode's PrefixKVCache (or transformers' cache, where decode cannot run them).
             fast = fast_cache and hook_points
             cache = _expanded_kv_cache(model, len(ids), capacity) if fast else nullcontext({})
-            with cache as cache_kwargs, modules(model), model.hooks(fwd_hooks=list(fwd_hooks)):
+            hooked = model.hooks(fwd_hooks=fwd_hooks) if hook_points else hf_hooks(model, fwd_hooks)
+            with cache as cache_kwargs, hooked, modules(model):
                 if own_loop and decodable(hf):
+                    # hooks expect the prompt in one pass, then one position per step
+                    chunk = len(ids) if fwd_hooks else 16
                     rows = decode(hf, ids.to(device), mask.to(device), max_new_tokens, eos,
                                   tok.pad_token_id, sample, repetition_penalty,
-                                  on_step=on_step)  # fmt: skip
+                                  prefill_rows=chunk, on_step=on_step)  # fmt: skip
                     out = torch.cat([ids.to(rows.device), rows], 1)
                 else:
                     out = hf.generate(

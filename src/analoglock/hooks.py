@@ -45,10 +45,17 @@ def residual_depth(name: str) -> int | None:
     None for any other hook (attention, MLP, resid_mid, ln_final, ...)."""
     if name in _EMBED_STATES:
         return 0
+    at = resid_boundary(name)
+    return None if at is None else at[0] + at[1]
+
+
+def resid_boundary(name: str) -> tuple[int, int] | None:
+    """(l, 0) for the residual stream entering block l (`blocks.l.hook_resid_pre`, `hook_in`),
+    (l, 1) for it leaving (`hook_resid_post`, `hook_out`); None for any other hook."""
     where = block_hook(name)
     if where is None or where[1] not in _RESID_OFFSET:
         return None
-    return where[0] + _RESID_OFFSET[where[1]]
+    return where[0], _RESID_OFFSET[where[1]]
 
 
 def resid_post_after(name: str, offset: int, n_layers: int) -> str:

@@ -7,6 +7,7 @@ import torch
 from analoglock import generation, sampling
 from analoglock.generation import ExpandedKVLayer, _grouped_attention, generate
 from analoglock.sampling import nucleus_sample
+from analoglock.tokens import encode_texts
 
 PROMPTS = ["Once upon a time, a tortoise", "The manager said", "Hi"]
 
@@ -104,8 +105,51 @@ def test_decoding_with_the_hf_modules_gives_the_bridges_tokens_and_puts_the_brid
     generate(tiny_model, PROMPTS, max_new_tokens=2, hook_points=False, do_sample=True,
              hf_sampling=True)  # fmt: skip
     assert len(loops) == 1 and len(calls) == 2 and "cache" not in calls[1]
-    with pytest.raises(ValueError, match="fwd_hooks would never run"):
+    with pytest.raises(ValueError, match=r"decoder layers' inputs and outputs.*hook_embed"):
         generate(tiny_model, PROMPTS, max_new_tokens=2, fwd_hooks=hooks, hook_points=False)
+
+
+def test_residual_hooks_run_on_the_hf_modules_as_at_the_hook_points(tiny_model, monkeypatch):
+    """hook_resid_pre / hook_resid_post hooks, attached to the HF decoder layers for decode, see
+    what the hook points see (the prompt in one pass in the batch's order, then one position per
+    step; the hook point itself as `hook`), change the stream as they do there, and are gone
+    afterwards."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(tiny_model.cfg.d_model, generator=g)
+    seen: dict[bool, list] = {True: [], False: []}
+
+    def hooks(direct: bool):
+        def record(x, hook):
+            seen[direct].append((hook.name, tuple(x.shape), x[:, -1, :3].clone()))
+
+        def push(x, hook):
+            return x + 3 * v
+
+        return [("blocks.0.hook_resid_post", push), ("blocks.1.hook_resid_pre", record),
+                ("blocks.1.hook_resid_post", record)]  # fmt: skip
+
+    loops = []
+    own = generation.decode
+    monkeypatch.setattr(generation, "decode", lambda *a, **kw: loops.append(kw) or own(*a, **kw))
+    base = generate(tiny_model, PROMPTS, max_new_tokens=6)
+    bridged = generate(tiny_model, PROMPTS, max_new_tokens=6, fwd_hooks=hooks(False))
+    direct = generate(tiny_model, PROMPTS, max_new_tokens=6, fwd_hooks=hooks(True),
+                      hook_points=False)  # fmt: skip
+    assert direct.new_tokens == bridged.new_tokens != base.new_tokens
+    assert len(loops) == 1 and loops[0]["prefill_rows"] == len(PROMPTS)  # one prompt pass
+    assert [(n, s) for n, s, _ in seen[True]] == [(n, s) for n, s, _ in seen[False]]
+    assert seen[True][0][1][:2] == (
+        len(PROMPTS),
+        max(len(r) for r in encode_texts(tiny_model, PROMPTS)),
+    )
+    for (_, _, a), (_, _, b) in zip(seen[True], seen[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    layer = tiny_model.original_model.model.layers[1]
+    layer = getattr(layer, "original_component", layer)
+    assert not layer._forward_hooks and not layer._forward_pre_hooks
+    assert generation.hf_hook_sites(tiny_model, ["blocks.1.hook_in", "blocks.0.hook_out"]) == [
+        (1, 0), (0, 1)]  # fmt: skip
+    assert generation.hf_hook_sites(tiny_model, ["blocks.0.hook_mlp_out"]) is None
 
 
 def _transformers_distribution(scores, temperature, top_p, top_k):

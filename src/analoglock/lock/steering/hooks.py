@@ -28,7 +28,7 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from analoglock.generation import Generation, generate
+from analoglock.generation import Generation, generate, hf_hook_sites
 from analoglock.hooks import validate_hook
 from analoglock.tokens import encode_texts, pad_ids, prepend_bos_id
 
@@ -401,9 +401,10 @@ def steered_generate(
             lengths = [len(ids) for ids in encode_texts(model, chunk)]
             rows = [RowPositions(n, n, roles[start + i], skip) for i, n in enumerate(lengths)]
             hooks = steering.hooks(rows, max(lengths), "left")
-        gen = generate(
-            model, chunk, max_new_tokens=max_new_tokens, fwd_hooks=hooks, batch_size=len(chunk)
-        )
+        # residual-stream hooks run on the HF modules (`generation.hf_hooks`): ~1.6x faster
+        direct = hf_hook_sites(model, [name for name, _ in hooks]) is not None
+        gen = generate(model, chunk, max_new_tokens=max_new_tokens, fwd_hooks=hooks,
+                       batch_size=len(chunk), hook_points=not direct)  # fmt: skip
         completions += gen.completions
         new_tokens += gen.new_tokens
     return Generation(prompts, completions, new_tokens)
