@@ -10,6 +10,9 @@ Prints ONE JSON object:
 - `bridge_tokens_per_s`: the same call through the bridge (hook points live, one no-op hook on
   `hook_embed`, `ExpandedKVCache`): what decoding with hooks (steering) pays; the corpus's path
   before 2026-11-30.
+- `hooked_tokens_per_s` (`--paths hooked`): steering's path since 2026-11-30: one no-op hook at
+  the middle layer's `hook_resid_post`, attached to the HF decoder layer (`generation.hf_hooks`),
+  decoded by `decode` with the prompt prefilled in one pass (hooks expect it whole).
 - `default_cache_tokens_per_s`: the bridge with transformers' default cache (the path before
   `ExpandedKVCache`).
 - `hf_sampling_tokens_per_s` (sample mode): the bridge sampling with transformers' own warpers
@@ -33,8 +36,8 @@ Prints ONE JSON object:
   `padded_roofline_tokens_per_s` is the roofline between the two corrections (every row at the
   padded width), to compare with earlier records.
 - `same_greedy_tokens_as_hf` (greedy mode): our tokens equal plain HF's;
-  `same_tokens_as_bridge`, `same_tokens_as_default_cache`: neither the HF modules nor the cache
-  change a token (sampled too, same seed).
+  `same_tokens_as_hooked`, `same_tokens_as_bridge`, `same_tokens_as_default_cache`: neither a
+  whole prefill, the HF modules nor the cache change a token (sampled too, same seed).
 - `--paths` runs a subset (`fast` always); keys of the paths left out are absent.
 - `batch_size`, `new_tokens`, `prompt_tokens` (padded width), `prompt_tokens_mean` (unpadded),
   `n_runs` (paths interleaved per run; medians), `load_average` (1-minute at start and end: the
@@ -58,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-PATHS = ("fast", "bridge", "default", "hf", "hf_sampling")
+PATHS = ("fast", "hooked", "bridge", "default", "hf", "hf_sampling")
 CORPUS_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1}
 
 
@@ -212,10 +215,15 @@ def main() -> None:
         tick()
         return x
 
-    def ours(fast: bool = True, hf_sampling: bool = False, hook_points: bool = True):
+    resid = f"blocks.{model.cfg.n_layers // 2}.hook_resid_post"
+
+    def ours(fast: bool = True, hf_sampling: bool = False, hook_points: bool = True,
+             hooked: bool = False):  # fmt: skip
         """(wall s, decoding-steps s, new tokens, positions generated) of one generate call."""
         steps.clear()
-        if hook_points:  # the hook fires at the start of each forward: decoding from the 2nd
+        if hooked:  # steering's way: a residual-stream hook on the HF modules, in decode
+            kw, first = {"fwd_hooks": [(resid, on_embed)], "hook_points": False}, 1
+        elif hook_points:  # the hook fires at the start of each forward: decoding from the 2nd
             kw, first = {"fwd_hooks": [("hook_embed", on_embed)]}, 1
         else:  # the tick comes after each forward's logits: decoding from the 1st
             kw, first = {"hook_points": False, "on_step": tick}, 0
@@ -245,6 +253,7 @@ def main() -> None:
 
     every = {
         "fast": lambda: ours(hook_points=False),
+        "hooked": lambda: ours(hooked=True),
         "bridge": lambda: ours(),
         "default": lambda: ours(fast=False),
         "hf": hf_plain,
@@ -294,6 +303,7 @@ def main() -> None:
         "padded_roofline_tokens_per_s": round(full_steps / padded, 2),
     }
     named = {
+        "hooked": "hooked",
         "bridge": "bridge",
         "default": "default_cache",
         "hf": "hf",
@@ -303,7 +313,7 @@ def main() -> None:
         if path in runs:
             out[f"{key}_tokens_per_s"] = round(full_steps / wall[path], 2)
             out[f"speedup_vs_{key}"] = round(wall[path] / wall["fast"], 3)
-    for path in ("bridge", "default"):
+    for path in ("hooked", "bridge", "default"):
         if path in runs:
             out[f"{named[path]}_decode_tokens_per_s"] = round(
                 decode_tokens / median([r[1] for r in runs[path]]), 2
