@@ -28,7 +28,10 @@ skips most of the padding (other bits in the attention's sums; the same tokens w
 and the linear layers of its steps on MKL's prepacked weights, or transposed copies, wherever
 those give `F.linear`'s exact bits.
 Models it cannot run (a sliding window) and transformers' own sampling go through `generate` as
-before.
+before. Hooks on the residual stream between blocks (steering's `hook_resid_post`) need no hook
+point either: `hf_hooks` attaches them to the HF decoder layers' inputs and outputs, so steered
+decoding runs in `decode` too (greedy at batch 16: 204 against 138 tokens/s through the bridge,
+the same tokens).
 """
 
 from __future__ import annotations
