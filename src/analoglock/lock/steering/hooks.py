@@ -401,7 +401,7 @@ def steered_generate(
             lengths = [len(ids) for ids in encode_texts(model, chunk)]
             rows = [RowPositions(n, n, roles[start + i], skip) for i, n in enumerate(lengths)]
             hooks = steering.hooks(rows, max(lengths), "left")
-        # residual-stream hooks run on the HF modules (`generation.hf_hooks`): ~1.6x faster
+        # residual-stream hooks run on the HF modules (`generation.hf_hooks`): ~1.5x faster
         direct = hf_hook_sites(model, [name for name, _ in hooks]) is not None
         gen = generate(model, chunk, max_new_tokens=max_new_tokens, fwd_hooks=hooks,
                        batch_size=len(chunk), hook_points=not direct)  # fmt: skip
