@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from analoglock import generation, sampling
-from analoglock.generation import ExpandedKVLayer, _grouped_attention, generate
+from analoglock import generation, kv_cache, sampling
+from analoglock.generation import _grouped_attention, generate
+from analoglock.kv_cache import ExpandedKVLayer
 from analoglock.sampling import nucleus_sample
 from analoglock.tokens import encode_texts
 
@@ -100,7 +101,7 @@ def test_decoding_with_the_hf_modules_gives_the_bridges_tokens_and_puts_the_brid
     generate(tiny_model, PROMPTS, max_new_tokens=2, hook_points=False)
     assert len(loops) == 1 and not calls
     generate(tiny_model, PROMPTS, max_new_tokens=2)
-    assert len(loops) == 1 and isinstance(calls[0]["cache"], generation.ExpandedKVCache)
+    assert len(loops) == 1 and isinstance(calls[0]["cache"], kv_cache.ExpandedKVCache)
     # transformers' own sampling stays transformers'
     generate(tiny_model, PROMPTS, max_new_tokens=2, hook_points=False, do_sample=True,
              hf_sampling=True)  # fmt: skip
@@ -284,7 +285,7 @@ def test_prefix_layer_written_in_row_chunks_returns_the_concatenation():
     the planned length."""
     import pytest
 
-    layer = generation.PrefixKVLayer(batch=4, capacity=7)
+    layer = kv_cache.PrefixKVLayer(batch=4, capacity=7)
     k, v = torch.randn(4, 2, 4, 8), torch.randn(4, 2, 4, 8)
     for rows in (slice(0, 3), slice(3, 4)):
         layer.rows = rows
@@ -306,7 +307,7 @@ def test_prefix_layer_written_in_row_chunks_returns_the_concatenation():
 def test_prefix_cache_prefilled_by_length_skips_shared_padding():
     """`decode`'s prefill: rows taken out of order (an index), each chunk from the first column
     any of its rows has a token; the columns before read as zeros, whatever the buffer held."""
-    cache = generation.PrefixKVCache(n_layers=1, batch=3, capacity=6)
+    cache = kv_cache.PrefixKVCache(n_layers=1, batch=3, capacity=6)
     layer = cache.layers[0]
     k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
     for rows, pad in ((torch.tensor([2, 0]), 2), (torch.tensor([1]), 0)):
