@@ -9,7 +9,8 @@ prompt once (all positions), then one new position per step.
 Chooses the decoding cache too (the caches themselves live in `kv_cache`). The bridge
 reimplements attention (so hook_attn_scores and hook_pattern see every head): it appends each
 step's keys and values to HF's dynamic cache (a copy of the whole cache per step) and then repeats
-the grouped key/value heads to the query heads (another copy, 3x larger for SmolLM2). At batch 128 those copies were ~60% of a decoding step.
+the grouped key/value heads to the query heads (another copy, 3x larger for SmolLM2). At batch
+128 those copies were ~60% of a decoding step.
 `ExpandedKVCache` stores keys and values already repeated to the query heads, in buffers sized for
 the whole generation, so a step writes one position and attention reads views: same numbers, no
 copies; it costs `n_heads / n_kv_heads` times the cache memory, and is used when that fits.
@@ -286,9 +287,9 @@ def hf_hooks(model, fwd_hooks: Sequence[Hook]) -> Iterator[None]:
     (unless None) replaces the residual stream, as at the hook point. The names must have
     `hf_hook_sites`. Hooks at one state run in the order given, as TransformerLens runs them."""
     fwd_hooks = list(fwd_hooks)
-    sites = hf_hook_sites(model, [name for name, _ in fwd_hooks])
+    names = [name for name, _ in fwd_hooks]
+    sites = hf_hook_sites(model, names)
     if sites is None:
-        names = [name for name, _ in fwd_hooks]
         raise ValueError(
             f"hooks {names} are not all at decoder layers' inputs or outputs; without hook points "
             "only blocks.L.hook_resid_pre / hook_resid_post (hook_in / hook_out) can run"
@@ -398,12 +399,9 @@ def decode(
         # Rows by length, so that a chunk skips the columns that are padding in all its rows:
         # its queries start there, its keys still span the whole width (masked zeros before it)
         whole = prefill_rows >= b  # one pass over the batch as given (what hooks expect)
-        order = (
-            torch.arange(b, device=ids.device) if whole else torch.argsort(mask.sum(1), stable=True)
-        )
-        scores = None
+        order, scores = torch.argsort(mask.sum(1), stable=True), None
         for r0 in range(0, b, prefill_rows):
-            rows = order[r0 : r0 + prefill_rows]
+            rows = slice(None) if whole else order[r0 : r0 + prefill_rows]
             pad = 0 if whole else int(mask[rows].any(0).int().argmax())  # its first token column
             cache.write_rows(rows, pad)
             out = hf(input_ids=ids[rows, pad:], attention_mask=mask[rows],
@@ -494,11 +492,12 @@ def generate(
     once per decoding step (a progress bar's tick).
     """
     fwd_hooks = list(fwd_hooks)
-    if not hook_points and fwd_hooks and hf_hook_sites(model, [n for n, _ in fwd_hooks]) is None:
+    names = [name for name, _ in fwd_hooks]
+    if not hook_points and names and hf_hook_sites(model, names) is None:
         raise ValueError(
             f"hook_points=False decodes without the bridge's hook points, so hooks can sit only at "
             f"decoder layers' inputs and outputs (blocks.L.hook_resid_pre / hook_resid_post); got "
-            f"{[n for n, _ in fwd_hooks]}. Pass hook_points=True (the default) for other hooks."
+            f"{names}. Pass hook_points=True (the default) for other hooks."
         )
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     check_lengths(
@@ -544,10 +543,10 @@ def generate(
             with cache as cache_kwargs, hooked, modules(model):
                 if own_loop and decodable(hf):
                     # hooks expect the prompt in one pass, then one position per step
-                    chunk = len(ids) if fwd_hooks else 16
+                    whole = {"prefill_rows": len(ids)} if fwd_hooks else {}
                     rows = decode(hf, ids.to(device), mask.to(device), max_new_tokens, eos,
                                   tok.pad_token_id, sample, repetition_penalty,
-                                  prefill_rows=chunk, on_step=on_step)  # fmt: skip
+                                  on_step=on_step, **whole)  # fmt: skip
                     out = torch.cat([ids.to(rows.device), rows], 1)
                 else:
                     out = hf.generate(
