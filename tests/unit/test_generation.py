@@ -349,9 +349,9 @@ def test_top_k_by_blocks_equals_topk():
 
 
 def test_decode_linear_gives_f_linears_bits_and_leaves_the_random_stream_alone():
-    """`_DecodeLinear` (packed or transposed for a step's rows where the bits agree) returns `F.linear`'s
-    exact numbers for every input shape, on contiguous and strided inputs, with and without a
-    bias, and draws its bit-check probe from a generator of its own."""
+    """`_DecodeLinear` (packed or transposed for a step's rows where the bits agree) returns
+    `F.linear`'s exact numbers for every input shape, on contiguous and strided inputs, with and
+    without a bias, and draws its bit-check probe from a generator of its own."""
     import torch.nn.functional as F
 
     torch.manual_seed(0)
